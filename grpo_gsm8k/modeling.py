@@ -1,0 +1,144 @@
+"""Model loading for the two training backends, evaluation and merging.
+
+Importing unsloth patches TRL and transformers for the whole process, so the unsloth backend is
+imported first and only on its own path (`import_backend`); the transformers backend never
+imports it.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+from dataclasses import dataclass
+
+from .config import ConfigError, Params
+
+VERSIONED_PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes",
+                      "unsloth", "unsloth_zoo", "vllm", "dvc", "dvclive", "huggingface_hub")
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def check_backend(p: Params) -> None:
+    """Fail before any download when the backend cannot run on this machine."""
+    if cuda_available():
+        return
+    if p.model.backend == "unsloth":
+        raise ConfigError("model.backend: unsloth needs a CUDA GPU; set model.backend: transformers to run on CPU")
+    if p.generation.use_vllm:
+        raise ConfigError("generation.use_vllm: vLLM needs a CUDA GPU; set it to false to run on CPU")
+
+
+def import_backend(p: Params) -> None:
+    """Import unsloth before trl/transformers/peft when (and only when) it is the backend."""
+    if p.model.backend == "unsloth":
+        import unsloth  # noqa: F401  (patches TRL's trainers on import)
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    if cuda_available():
+        import torch
+
+        versions["cuda"] = torch.version.cuda
+        versions["gpu"] = torch.cuda.get_device_name(0)
+    return versions
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, padding_side="left", truncation_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@dataclass
+class Policy:
+    """What GRPOTrainer needs: a model (or its name for TRL to load) and how to wrap it in LoRA."""
+
+    model: object
+    tokenizer: object
+    peft_config: object | None  # None when the backend already attached the LoRA (unsloth)
+    quantization_config: object | None
+    model_init_kwargs: dict | None
+
+
+def lora_config(p: Params):
+    from peft import LoraConfig
+
+    return LoraConfig(r=p.lora.r, lora_alpha=p.lora.alpha, lora_dropout=p.lora.dropout,
+                      target_modules=list(p.lora.target_modules), task_type="CAUSAL_LM")
+
+
+def load_policy(p: Params) -> Policy:
+    if p.model.backend == "unsloth":
+        return _unsloth_policy(p)
+    tokenizer = load_tokenizer(p.model.name)
+    if not cuda_available():  # CPU: full precision, no quantization (tests and smoke runs)
+        return Policy(p.model.name, tokenizer, lora_config(p), None, {"dtype": "float32"})
+    quantization = None
+    if p.model.load_in_4bit:
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=torch_dtype(p.model.dtype),
+                                          bnb_4bit_quant_storage=torch_dtype(p.model.dtype))
+    return Policy(p.model.name, tokenizer, lora_config(p), quantization, {"dtype": p.model.dtype})
+
+
+def _unsloth_policy(p: Params) -> Policy:
+    from unsloth import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=p.model.name,
+        max_seq_length=p.model.max_seq_length,
+        load_in_4bit=p.model.load_in_4bit,
+        dtype=torch_dtype(p.model.dtype),
+        fast_inference=p.generation.use_vllm,
+        max_lora_rank=p.lora.r,
+        gpu_memory_utilization=p.generation.vllm_gpu_memory_utilization,
+    )
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=p.lora.r,
+        lora_alpha=p.lora.alpha,
+        lora_dropout=p.lora.dropout,
+        target_modules=list(p.lora.target_modules),
+        use_gradient_checkpointing="unsloth" if p.model.gradient_checkpointing else False,
+        random_state=p.train.seed,
+    )
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return Policy(model, tokenizer, None, None, None)
+
+
+def load_merged(base: str, adapter_dir: str | None, dtype: str):
+    """The base model in 16-bit (never the 4-bit training copy) with the adapter merged in."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype(dtype),
+                                                 device_map="cuda" if cuda_available() else None)
+    if adapter_dir:
+        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    return model.eval()

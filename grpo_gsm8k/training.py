@@ -1,0 +1,216 @@
+"""What the train stage wires together: TRL's GRPOConfig from params, checkpoints that resume
+safely, metric logging for DVC plots, and guards that stop a run going bad."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from .config import ConfigError, Params, as_dict
+from .rewards import REWARD_FUNCS
+
+MARKER = "grpo_gsm8k_checkpoint.json"  # written last into a checkpoint folder: it is complete
+FINISHED = "FINISHED.json"  # written into the checkpoints folder when the run completed
+# Knobs that do not change what is trained, so a run may resume across them.
+_RESUMABLE = {"resume", "save_steps", "save_total_limit", "logging_steps"}
+
+
+class TrainingStopped(RuntimeError):
+    """Training was stopped on purpose (non-finite loss, useless rewards); the message says why."""
+
+
+def run_hash(p: Params, train_file: Path) -> str:
+    """Identity of a training run: every param that shapes it, and the exact training data."""
+    params = as_dict(p)
+    relevant = {k: params[k] for k in ("data", "model", "lora", "generation")}
+    relevant["train"] = {k: v for k, v in params["train"].items() if k not in _RESUMABLE}
+    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode())
+    digest.update(Path(train_file).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def grpo_args(p: Params, output_dir: str, cuda: bool, **overrides):
+    from trl import GRPOConfig
+
+    t = p.train
+    names = [name for name in t.reward_weights]
+    bf16 = cuda and p.model.dtype == "bfloat16"
+    kwargs = dict(
+        output_dir=output_dir,
+        seed=t.seed,
+        data_seed=t.seed,
+        learning_rate=t.learning_rate,
+        optim=t.optim if cuda else "adamw_torch",  # bitsandbytes' 8-bit optimisers need CUDA
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_ratio,  # transformers 5 reads a value below 1 as a ratio of max_steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        num_generations=t.num_generations,
+        max_completion_length=t.max_completion_length,
+        temperature=t.temperature,
+        beta=t.beta,
+        loss_type=t.loss_type,
+        mask_truncated_completions=t.mask_truncated_completions,
+        reward_weights=[t.reward_weights[n] for n in names],
+        logging_steps=t.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN must be seen (and stop the run), not filtered out
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        bf16=bf16,
+        fp16=cuda and p.model.dtype == "float16",
+        use_cpu=not cuda,
+        gradient_checkpointing=p.model.gradient_checkpointing and p.model.backend != "unsloth",
+        use_vllm=p.generation.use_vllm,
+        vllm_mode=p.generation.vllm_mode,
+        vllm_gpu_memory_utilization=p.generation.vllm_gpu_memory_utilization,
+        report_to="none",
+        disable_tqdm=False,
+    )
+    kwargs.update(overrides)
+    return GRPOConfig(**kwargs)
+
+
+def reward_funcs(p: Params) -> list:
+    return [REWARD_FUNCS[name] for name in p.train.reward_weights]
+
+
+def build_trainer(p: Params, policy, dataset, output_dir: str, callbacks=(), reward_funcs_override=None,
+                  **arg_overrides):
+    """GRPOTrainer with the project's rewards, LoRA and config: the one construction every caller uses."""
+    from trl import GRPOTrainer
+
+    from . import cpu_logprob
+    from .modeling import cuda_available
+
+    cpu_logprob.install_if_needed()
+    args = grpo_args(p, output_dir, cuda_available(), model_init_kwargs=policy.model_init_kwargs, **arg_overrides)
+    return GRPOTrainer(
+        model=policy.model,
+        reward_funcs=reward_funcs_override or reward_funcs(p),
+        args=args,
+        train_dataset=dataset,
+        processing_class=policy.tokenizer,
+        peft_config=policy.peft_config,
+        quantization_config=policy.quantization_config,
+        callbacks=list(callbacks),
+    )
+
+
+def _complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path, dict]]:
+    found = []
+    for path in ckpt_dir.glob("checkpoint-*"):
+        marker = path / MARKER
+        if marker.is_file():
+            found.append((int(path.name.split("-")[-1]), path, json.loads(marker.read_text())))
+    return sorted(found, key=lambda item: item[0])
+
+
+def resume_checkpoint(ckpt_dir: Path, run_id: str, mode: str) -> Path | None:
+    """The newest complete checkpoint of this run, or None to start fresh.
+
+    Checkpoints of a finished run are history, not work to resume: a new run starts over. An
+    unfinished run with other params is refused unless ``train.resume`` is ``fresh``, since
+    discarding it could throw away hours of GPU time.
+    """
+    if not ckpt_dir.exists():
+        return None
+    if mode == "fresh" or (ckpt_dir / FINISHED).exists():
+        shutil.rmtree(ckpt_dir)
+        return None
+    complete = _complete_checkpoints(ckpt_dir)
+    matching = [path for _, path, info in complete if info.get("run_hash") == run_id]
+    if matching:
+        return matching[-1]
+    if complete:
+        raise ConfigError(
+            f"train.resume: {ckpt_dir}/ holds an unfinished run with different params or data "
+            f"(run {complete[-1][2].get('run_hash')}, this one is {run_id}). Restore the params to resume it, "
+            f"or set train.resume: fresh (e.g. `dvc exp run -S train.resume=fresh`) to discard it."
+        )
+    shutil.rmtree(ckpt_dir)  # only incomplete checkpoints: nothing worth keeping
+    return None
+
+
+def mark_finished(ckpt_dir: Path, run_id: str, step: int) -> None:
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    (ckpt_dir / FINISHED).write_text(json.dumps({"run_hash": run_id, "step": step}) + "\n")
+
+
+class CheckpointMarker(TrainerCallback):
+    """Writes the marker last, after the Trainer saved model, optimizer, scheduler and RNG states."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if path.is_dir():
+                (path / MARKER).write_text(json.dumps({"run_hash": self.run_id, "step": state.global_step}))
+
+
+class MetricsLogger(TrainerCallback):
+    """Every numeric metric TRL logs goes to a DVCLive folder (``dvc plots show`` renders it)."""
+
+    def __init__(self, live_dir: str, resume: bool):
+        self.live_dir, self.resume, self.live = live_dir, resume, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from dvclive import Live
+
+            self.live = Live(self.live_dir, resume=self.resume, save_dvc_exp=False, dvcyaml=False)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.live is None or not logs:
+            return
+        self.live.step = state.global_step
+        for key, value in logs.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self.live.log_metric(key, value)
+        self.live.make_summary()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.live is not None:
+            self.live.end()
+
+
+class Guards(TrainerCallback):
+    """Stops on a non-finite loss or gradient norm before the next checkpoint, keeping the last good
+    one, and reports a reward that scored every completion zero for ``patience`` logged steps."""
+
+    def __init__(self, reward_names: list[str], patience: int = 20):
+        self.reward_names, self.patience = reward_names, patience
+        self.silent_steps = dict.fromkeys(reward_names, 0)
+        self.warned = set()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        for key in ("loss", "grad_norm"):
+            if key in logs and not math.isfinite(float(logs[key])):
+                raise TrainingStopped(
+                    f"non-finite {key} ({logs[key]}) at step {state.global_step}; training stopped and the last "
+                    f"good checkpoint in {args.output_dir}/ was kept. Lower train.learning_rate or "
+                    f"train.max_grad_norm, or use model.dtype: bfloat16, then rerun to resume."
+                )
+        for name in self.reward_names:
+            mean, std = logs.get(f"rewards/{name}/mean"), logs.get(f"rewards/{name}/std")
+            if mean is None:
+                continue
+            self.silent_steps[name] = self.silent_steps[name] + 1 if mean == 0 and not std else 0
+            if self.silent_steps[name] >= self.patience and name not in self.warned:
+                self.warned.add(name)
+                print(f"WARNING: reward '{name}' gave 0 to every completion for {self.patience} logged steps "
+                      f"(up to step {state.global_step}): it is not steering training. Check the prompt format "
+                      f"and train.max_completion_length.", flush=True)

@@ -1,0 +1,79 @@
+"""Stage 2: GRPO with a (Q)LoRA adapter on the prepared GSM8K prompts, resuming after a crash.
+
+Reads top to bottom: params, seed, data, model, rewards, trainer, train, save.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from grpo_gsm8k import config, modeling
+
+TRAIN_FILE = Path("data/prepared/train.jsonl")
+CHECKPOINTS = Path("checkpoints")
+ADAPTER = Path("models/adapter")
+LIVE = "reports/train"
+OOM_ADVICE = ("CUDA ran out of memory. Lower train.per_device_train_batch_size (keep it a multiple of "
+              "train.num_generations) and raise train.gradient_accumulation_steps to keep the batch, or lower "
+              "train.max_completion_length or generation.vllm_gpu_memory_utilization; then rerun to resume.")
+
+
+def train(p: config.Params) -> dict:
+    modeling.check_backend(p)
+    modeling.import_backend(p)  # unsloth must patch TRL before TRL is imported
+    import torch
+    from datasets import Dataset
+    from transformers import set_seed
+
+    from grpo_gsm8k import training
+    from grpo_gsm8k.outputs import atomic_path, read_jsonl, write_json
+
+    set_seed(p.train.seed)
+    dataset = Dataset.from_list(read_jsonl(TRAIN_FILE))
+    run_id = training.run_hash(p, TRAIN_FILE)
+    checkpoint = training.resume_checkpoint(CHECKPOINTS, run_id, p.train.resume)
+    print(f"run {run_id}: " + (f"resuming from {checkpoint}" if checkpoint else "starting fresh"), flush=True)
+
+    policy = modeling.load_policy(p)
+    trainer = training.build_trainer(p, policy, dataset, str(CHECKPOINTS), callbacks=[
+        training.CheckpointMarker(run_id),
+        training.MetricsLogger(LIVE, resume=checkpoint is not None),
+        training.Guards(list(p.train.reward_weights)),
+    ])
+    try:
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except torch.OutOfMemoryError as err:
+        raise SystemExit(f"error: {OOM_ADVICE}") from err
+    except training.TrainingStopped as err:
+        raise SystemExit(f"error: {err}") from err
+
+    if trainer.is_world_process_zero():
+        with atomic_path(ADAPTER) as tmp:
+            trainer.model.save_pretrained(tmp)
+            policy.tokenizer.save_pretrained(tmp)
+            write_json(tmp / "training_run.json", {
+                "run_hash": run_id,
+                "base_model": p.model.name,
+                "backend": p.model.backend,
+                "resumed_from": str(checkpoint) if checkpoint else None,
+                "params": config.as_dict(p),
+                "effective_grpo_config": trainer.args.to_dict(),  # after TRL's and Unsloth's own overrides
+                "effective_lora_config": trainer.model.peft_config["default"].to_dict(),
+                "versions": modeling.package_versions(),
+            })
+        training.mark_finished(CHECKPOINTS, run_id, trainer.state.global_step)
+    return {"global_step": trainer.state.global_step, **{k: v for k, v in result.metrics.items()}}
+
+
+def main() -> None:
+    try:
+        p = config.load()
+        metrics = train(p)
+    except config.ConfigError as err:
+        sys.exit(f"error: {err}")
+    print(metrics)
+
+
+if __name__ == "__main__":
+    main()
