@@ -16,7 +16,11 @@ import yaml
 from .rewards import REWARD_FUNCS
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """A problem the user can fix (params, data, environment): stages print it without a traceback."""
+
+
+class ConfigError(UserError):
     """A params.yaml problem, reported before any expensive work starts."""
 
 

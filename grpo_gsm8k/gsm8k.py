@@ -10,12 +10,13 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from .config import UserError
 from .grading import parse_number
 
 SPLITS = ("train", "test")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A dataset row or file that cannot be used, named precisely."""
 
 

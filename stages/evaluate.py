@@ -41,7 +41,7 @@ def main() -> None:
     base = parser.parse_args().base
     try:
         p = config.load()
-    except config.ConfigError as err:
+    except config.UserError as err:
         sys.exit(f"error: {err}")
     out = Path("reports/eval_base" if base else "reports/eval")
     rows, metrics = evaluate(p, None if base else ADAPTER)

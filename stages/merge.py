@@ -23,7 +23,7 @@ def merge(p: config.Params) -> None:
 def main() -> None:
     try:
         p = config.load()
-    except config.ConfigError as err:
+    except config.UserError as err:
         sys.exit(f"error: {err}")
     merge(p)
     print(f"merged {p.model.name} + {ADAPTER} -> {MERGED} ({p.merge.dtype})")

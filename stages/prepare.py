@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import sys
 
 from grpo_gsm8k import config, gsm8k
 from grpo_gsm8k.modeling import load_tokenizer
@@ -36,8 +37,10 @@ def prepare(p: config.Params) -> dict:
 
 
 def main() -> None:
-    p = config.load()
-    stats = prepare(p)
+    try:
+        stats = prepare(config.load())
+    except config.UserError as err:
+        sys.exit(f"error: {err}")
     write_json(f"{OUT}/stats.json", stats)
     print({s: stats[s]["rows"] for s in gsm8k.SPLITS})
 

@@ -70,7 +70,7 @@ def main() -> None:
     try:
         p = config.load()
         metrics = train(p)
-    except config.ConfigError as err:
+    except config.UserError as err:
         sys.exit(f"error: {err}")
     print(metrics)
 

@@ -1,0 +1,308 @@
+"""Does the training loop learn? A controlled experiment on a task small enough to run in CI.
+
+A small Qwen2-architecture model is built from scratch (``tiny.py``'s builders), warmed up with a
+short supervised run on synthetic additions ("What is 23 + 45?") written in the project's
+``<reasoning>...</reasoning>\\n<answer>...</answer>`` format until its greedy answers are right only
+some of the time, and then trained with the project's own GRPO wiring: ``training.build_trainer``
+with a ``config.Params`` built from ``profiles/tiny.yaml``, the project's rewards, prompts made by
+``gsm8k.build_prompt`` and a LoRA adapter from the params. Accuracy on held-out problems (never
+seen in warm-up or GRPO) is measured before and after with the project's greedy generation and
+grader (``evaluation.generate_hf`` + ``evaluation.score``).
+
+The negative control runs the same budget with every reward permuted across the completions of
+the batch (one seeded ``random.Random`` per run, never the global RNG): the rewards keep their
+distribution but no longer say which completion earned them, so nothing should be learned.
+
+``python -m grpo_gsm8k.learning --size cpu --seeds 0 1 2`` prints the per-seed numbers;
+``--size gpu`` is the larger setting for a CUDA machine. See LEARNING.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_PARAMS = ROOT / "profiles" / "tiny.yaml"
+
+
+@dataclass(frozen=True)
+class Size:
+    """Everything that differs between the CI run on CPU and the larger run on a GPU."""
+
+    operand_max: int  # operands are 0..operand_max
+    n_test: int  # held-out problems, never used in warm-up or GRPO
+    n_dev: int  # problems the warm-up checks its accuracy on (also never trained on)
+    hidden_size: int
+    layers: int
+    vocab_size: int
+    warmup_lr: float
+    warmup_batch: int
+    warmup_max_steps: int
+    warmup_check_every: int
+    warmup_target: float  # stop the warm-up once greedy dev accuracy reaches this
+    lora: dict = field(default_factory=dict)  # overrides of params' lora section
+    train: dict = field(default_factory=dict)  # overrides of params' train section
+
+
+SIZES = {
+    "cpu": Size(
+        operand_max=29, n_test=128, n_dev=64, hidden_size=64, layers=2, vocab_size=512,
+        warmup_lr=3e-3, warmup_batch=64, warmup_max_steps=1500, warmup_check_every=25, warmup_target=0.15,
+        lora=dict(r=16, alpha=32),
+        train=dict(learning_rate=5e-3, max_steps=60, per_device_train_batch_size=64, num_generations=8,
+                   max_completion_length=32),
+    ),
+    "gpu": Size(
+        operand_max=99, n_test=512, n_dev=256, hidden_size=256, layers=4, vocab_size=1024,
+        warmup_lr=1e-3, warmup_batch=128, warmup_max_steps=20000, warmup_check_every=100, warmup_target=0.15,
+        lora=dict(r=32, alpha=64),
+        train=dict(learning_rate=2e-3, max_steps=300, per_device_train_batch_size=128, num_generations=8,
+                   max_completion_length=32),
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------- task
+
+
+def problems(size: Size, seed: int) -> dict[str, list[dict]]:
+    """All additions a + b with a, b in 0..operand_max, shuffled and split into test, dev and train."""
+    rows = [{"question": f"What is {a} + {b}?", "answer": str(a + b),
+             "solution": f"<reasoning>\n{a} + {b} = {a + b}\n</reasoning>\n<answer>\n{a + b}\n</answer>"}
+            for a in range(size.operand_max + 1) for b in range(size.operand_max + 1)]
+    random.Random(seed).shuffle(rows)
+    test, dev = rows[:size.n_test], rows[size.n_test:size.n_test + size.n_dev]
+    return {"test": test, "dev": dev, "train": rows[size.n_test + size.n_dev:]}
+
+
+def system_prompt() -> str:
+    return yaml.safe_load(TINY_PARAMS.read_text())["data"]["system_prompt"]
+
+
+def with_prompts(rows: list[dict]) -> list[dict]:
+    from .gsm8k import build_prompt
+
+    sp = system_prompt()
+    return [{**row, "prompt": build_prompt(row["question"], sp)} for row in rows]
+
+
+# ------------------------------------------------------------------------------------------- warm-up
+
+
+def device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def accuracy(model, tokenizer, rows: list[dict], batch_size: int, max_new_tokens: int) -> dict:
+    """Greedy generation and the project's grader: the same path the evaluate stage takes."""
+    from .evaluation import generate_hf, score
+
+    was_training = model.training
+    model.eval()
+    completions = generate_hf(model, tokenizer, [r["prompt"] for r in rows], batch_size, max_new_tokens)
+    if was_training:
+        model.train()
+    _, metrics = score(rows, completions)
+    return metrics
+
+
+def _encode(tokenizer, row: dict) -> tuple[list[int], int]:
+    prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(row["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt_ids + completion_ids, len(prompt_ids)
+
+
+def warm_up(size: Size, seed: int, out_dir: Path, data: dict, log=print) -> dict:
+    """A model built from scratch, trained on worked examples until it is right some of the time.
+
+    Writes model and tokenizer to ``out_dir`` (what params' model.name then points at). The loss
+    covers the completion tokens only; dev accuracy is checked every few steps and the warm-up
+    stops at ``size.warmup_target``, so GRPO starts from a model that is sometimes right.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, set_seed
+
+    from .tiny import build_model, build_tokenizer
+
+    info_file = out_dir / "warmup.json"
+    if info_file.is_file():  # the same seed and size always produce the same model: reuse it
+        return json.loads(info_file.read_text())
+    set_seed(seed)
+    texts = [r["question"] for r in data["train"]] + [r["solution"] for r in data["train"]] + [system_prompt()]
+    tokenizer = build_tokenizer(texts, out_dir, vocab_size=size.vocab_size)
+    build_model(tokenizer, out_dir, seed=seed, hidden_size=size.hidden_size, layers=size.layers)
+    dev = device()
+    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).to(dev)
+    encoded = [_encode(tokenizer, r) for r in data["train"]]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=size.warmup_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    dev_rows, step, dev_acc = data["dev"], 0, 0.0
+    start = time.perf_counter()
+    model.train()
+    while step < size.warmup_max_steps:
+        batch = [encoded[i] for i in torch.randint(len(encoded), (size.warmup_batch,), generator=gen).tolist()]
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+        labels = torch.full((len(batch), width), -100)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for k, (ids, n_prompt) in enumerate(batch):
+            input_ids[k, :len(ids)] = torch.tensor(ids)
+            labels[k, n_prompt:len(ids)] = torch.tensor(ids[n_prompt:])
+            mask[k, :len(ids)] = 1
+        loss = model(input_ids=input_ids.to(dev), attention_mask=mask.to(dev), labels=labels.to(dev)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if step % size.warmup_check_every == 0:
+            dev_acc = accuracy(model, tokenizer, dev_rows, len(dev_rows), size.train["max_completion_length"])["accuracy"]
+            log(f"warm-up step {step}: loss {loss.item():.3f}, dev accuracy {dev_acc:.3f}")
+            if dev_acc >= size.warmup_target:
+                break
+    model.save_pretrained(out_dir)
+    info = {"steps": step, "dev_accuracy": dev_acc, "loss": round(loss.item(), 4),
+            "seconds": round(time.perf_counter() - start, 1)}
+    info_file.write_text(json.dumps(info))
+    return info
+
+
+# ---------------------------------------------------------------------------------------------- GRPO
+
+
+def params_for(size: Size, seed: int, model_dir: Path):
+    """profiles/tiny.yaml with this experiment's model, LoRA and budget: the project's own Params."""
+    from . import config
+
+    raw = yaml.safe_load(TINY_PARAMS.read_text())
+    raw["model"].update(name=str(model_dir), backend="transformers", load_in_4bit=False, dtype="float32",
+                        gradient_checkpointing=False)
+    raw["lora"].update(size.lora)
+    raw["train"].update(seed=seed, optim="adamw_torch", **size.train)
+    raw["train"]["save_steps"] = raw["train"]["max_steps"]
+    raw["eval"].update(max_new_tokens=size.train["max_completion_length"])
+    return config.parse(raw)
+
+
+def shuffled_rewards(funcs: list, seed: int) -> list:
+    """The negative control: each reward's scores permuted across the completions of the batch.
+
+    Every wrapper owns a ``random.Random(seed)`` with the same seed; TRL calls them once per batch,
+    in order, with the same batch size, so they draw the same permutation and a completion is
+    given the whole reward of another completion. The global RNG is never touched.
+    """
+    def wrap(func):
+        rng = random.Random(seed)
+
+        def shuffled(completions, **kwargs):
+            scores = func(completions, **kwargs)
+            order = list(range(len(scores)))
+            rng.shuffle(order)
+            return [scores[i] for i in order]
+
+        shuffled.__name__ = func.__name__  # same metric names in the logs
+        return shuffled
+
+    return [wrap(f) for f in funcs]
+
+
+def run_experiment(size: str | Size = "cpu", seed: int = 0, control: bool = False, workdir: str | Path | None = None,
+                   log=print) -> dict:
+    """Warm up (cached per size and seed under ``workdir``), measure, train with GRPO, measure again.
+
+    Returns ``before`` and ``after`` held-out accuracy, the logged mean ``rewards`` per step, and
+    details of the warm-up and the run.
+    """
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, set_seed
+
+    from . import training
+    from .modeling import load_policy
+
+    spec = SIZES[size] if isinstance(size, str) else size
+    name = size if isinstance(size, str) else "custom"
+    workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="learning-"))
+    data = {split: with_prompts(rows) for split, rows in problems(spec, seed).items()}
+    model_dir = workdir / f"warm-{name}-{seed}"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    warm = warm_up(spec, seed, model_dir, data, log=log)
+    p = params_for(spec, seed, model_dir)
+    max_new = p.train.max_completion_length
+
+    policy = load_policy(p)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device())
+    before = accuracy(base, policy.tokenizer, data["test"], len(data["test"]), max_new)
+    del base
+
+    set_seed(seed)
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in data["train"]])
+    override = shuffled_rewards(training.reward_funcs(p), seed) if control else None
+    out_dir = workdir / f"grpo-{name}-{seed}-{'control' if control else 'real'}"
+    trainer = training.build_trainer(p, policy, dataset, str(out_dir), reward_funcs_override=override,
+                                     save_strategy="no", disable_tqdm=True)
+    train_start = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - train_start
+    after = accuracy(trainer.model, policy.tokenizer, data["test"], len(data["test"]), max_new)
+    rewards = [round(e["reward"], 4) for e in trainer.state.log_history if "reward" in e]
+    correct = [round(e["rewards/correctness/mean"], 4) for e in trainer.state.log_history
+               if "rewards/correctness/mean" in e]
+    result = {
+        "size": name, "seed": seed, "control": control,
+        "before": before["accuracy"], "after": after["accuracy"],
+        "before_format": before["format_adherence"], "after_format": after["format_adherence"],
+        "rewards": rewards, "correctness": correct,
+        "warmup": warm, "grpo_seconds": round(train_seconds, 1),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    log(json.dumps({k: v for k, v in result.items() if k not in ("rewards", "correctness")}))
+    return result
+
+
+def trend(values: list[float], part: float = 0.25) -> float:
+    """Mean of the last quarter minus mean of the first quarter: how far a logged curve rose."""
+    n = max(1, int(len(values) * part))
+    return sum(values[-n:]) / n - sum(values[:n]) / n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="cpu", choices=sorted(SIZES))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--control", action="store_true", help="also run the shuffled-reward control")
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--out", default=None, help="write all results as JSON here")
+    args = parser.parse_args()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="learning-"))
+    results = []
+    for seed in args.seeds:
+        for control in ([False, True] if args.control else [False]):
+            r = run_experiment(args.size, seed, control, workdir)
+            r["reward_trend"] = round(trend(r["rewards"]), 4)
+            results.append(r)
+    print("\n| seed | run | warm-up steps | before | after | gain | reward first->last quarter | seconds |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        n = max(1, len(r["rewards"]) // 4)
+        first, last = sum(r["rewards"][:n]) / n, sum(r["rewards"][-n:]) / n
+        print(f"| {r['seed']} | {'control' if r['control'] else 'GRPO'} | {r['warmup']['steps']} | {r['before']:.3f} | "
+              f"{r['after']:.3f} | {r['after'] - r['before']:+.3f} | {first:.2f} -> {last:.2f} | {r['seconds']} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

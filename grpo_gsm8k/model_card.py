@@ -1,0 +1,203 @@
+"""The README.md model card of each published repo: Hub metadata (base model, relation, library,
+dataset, tags, model-index with the GSM8K test accuracy beside the base model's), the training
+params of the run, the reward-curve image, the prompt format and usage snippets.
+
+Built only from the run's own files (reports/eval/metrics.json, models/adapter/training_run.json)
+and params, so an unchanged run gives a byte-identical card and the push stays idempotent.
+"""
+
+from __future__ import annotations
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+DATASET = "openai/gsm8k"
+TAGS = ["grpo", "trl", "unsloth", "qlora", "gsm8k", "reasoning"]
+IMAGE = "assets/summary.png"        # where the reward-curve / accuracy figure lives in each repo
+KINDS = {  # kind -> (base_model_relation, library_name, title)
+    "adapter": ("adapter", "peft", "LoRA adapter"),
+    "merged": ("finetune", "transformers", "merged 16-bit model"),
+}
+
+
+def eval_results(base_model: str, metrics: dict) -> list[EvalResult]:
+    """model-index: the trained model's strict GSM8K test accuracy, and the base model's beside it."""
+    common = dict(task_type="text-generation", task_name="Grade-school math word problems",
+                  dataset_type=DATASET, dataset_name="GSM8K", dataset_config="main", dataset_split="test",
+                  metric_type="accuracy")
+    return [
+        EvalResult(**common, metric_name="accuracy (GRPO fine-tuned, greedy)",
+                   metric_value=metrics["trained"]["accuracy"]),
+        EvalResult(**common, metric_name=f"accuracy of the base model {base_model} (greedy)",
+                   metric_value=metrics["base"]["accuracy"]),
+    ]
+
+
+def card_data(kind: str, repo_id: str | None, base_model: str, metrics: dict) -> ModelCardData:
+    relation, library, _ = KINDS[kind]
+    return ModelCardData(
+        model_name=(repo_id or f"{base_model}-gsm8k-grpo").split("/")[-1],
+        base_model=base_model, base_model_relation=relation, library_name=library,
+        pipeline_tag="text-generation", datasets=[DATASET], tags=list(TAGS), metrics=["accuracy"],
+        eval_results=eval_results(base_model, metrics),
+    )
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
+    return str(value)
+
+
+def training_table(training_run: dict) -> str:
+    """The run's hyperparameters as a Markdown table, from training_run.json (what the trainer saw)."""
+    p = training_run.get("params", {})
+    t, lora, model = p.get("train", {}), p.get("lora", {}), p.get("model", {})
+    rows = [
+        ("learning rate", t.get("learning_rate")), ("LR schedule", t.get("lr_scheduler_type")),
+        ("warmup ratio", t.get("warmup_ratio")), ("optimizer steps", t.get("max_steps")),
+        ("per-device batch (completions)", t.get("per_device_train_batch_size")),
+        ("gradient accumulation", t.get("gradient_accumulation_steps")),
+        ("generations per prompt (GRPO group)", t.get("num_generations")),
+        ("max completion length", t.get("max_completion_length")), ("sampling temperature", t.get("temperature")),
+        ("KL beta", t.get("beta")), ("loss type", t.get("loss_type")), ("optimizer", t.get("optim")),
+        ("weight decay", t.get("weight_decay")), ("max grad norm", t.get("max_grad_norm")),
+        ("reward weights", t.get("reward_weights")), ("seed", t.get("seed")),
+        ("LoRA r", lora.get("r")), ("LoRA alpha", lora.get("alpha")), ("LoRA dropout", lora.get("dropout")),
+        ("LoRA target modules", lora.get("target_modules")), ("backend", training_run.get("backend")),
+        ("4-bit (QLoRA) base", model.get("load_in_4bit")), ("compute dtype", model.get("dtype")),
+        ("max sequence length", model.get("max_seq_length")), ("run hash", training_run.get("run_hash")),
+    ]
+    versions = training_run.get("versions") or {}
+    if versions:
+        rows.append(("versions", versions))
+    lines = ["| parameter | value |", "|---|---|"]
+    lines += [f"| {name} | {_fmt(value)} |" for name, value in rows if value is not None]
+    return "\n".join(lines)
+
+
+def _usage(kind: str, repo: str, base_model: str, lora_r: int | None) -> str:
+    merged = f'''```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{repo}", torch_dtype="auto", device_map="auto")
+tokenizer = AutoTokenizer.from_pretrained("{repo}")
+messages = [{{"role": "system", "content": SYSTEM_PROMPT}}, {{"role": "user", "content": question}}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt").to(model.device)
+output = model.generate(inputs, max_new_tokens=512, do_sample=False)
+print(tokenizer.decode(output[0, inputs.shape[1]:], skip_special_tokens=True))
+```
+
+vLLM:
+
+```python
+from vllm import LLM, SamplingParams
+
+llm = LLM(model="{repo}")
+messages = [{{"role": "system", "content": SYSTEM_PROMPT}}, {{"role": "user", "content": question}}]
+print(llm.chat(messages, SamplingParams(temperature=0, max_tokens=512))[0].outputs[0].text)
+```'''
+    if kind == "merged":
+        return "transformers:\n\n" + merged
+    return f'''PEFT (base model + this adapter):
+
+```python
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoTokenizer
+
+model = AutoPeftModelForCausalLM.from_pretrained("{repo}", torch_dtype="auto", device_map="auto")
+tokenizer = AutoTokenizer.from_pretrained("{repo}")
+messages = [{{"role": "system", "content": SYSTEM_PROMPT}}, {{"role": "user", "content": question}}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt").to(model.device)
+output = model.generate(inputs, max_new_tokens=512, do_sample=False)
+print(tokenizer.decode(output[0, inputs.shape[1]:], skip_special_tokens=True))
+```
+
+transformers (with `peft` installed, it loads the base model and applies the adapter):
+
+```python
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained("{repo}", torch_dtype="auto", device_map="auto")
+```
+
+vLLM (base model with the LoRA applied per request):
+
+```python
+from huggingface_hub import snapshot_download
+from vllm import LLM, SamplingParams
+from vllm.lora.request import LoRARequest
+
+llm = LLM(model="{base_model}", enable_lora=True, max_lora_rank={lora_r or 64})
+lora = LoRARequest("gsm8k-grpo", 1, snapshot_download("{repo}"))
+messages = [{{"role": "system", "content": SYSTEM_PROMPT}}, {{"role": "user", "content": question}}]
+print(llm.chat(messages, SamplingParams(temperature=0, max_tokens=512), lora_request=lora)[0].outputs[0].text)
+```'''
+
+
+def build_card(kind: str, *, repo_id: str | None, local_folder: str, base_model: str, system_prompt: str,
+               metrics: dict, training_run: dict, other_repo_id: str | None = None) -> ModelCard:
+    """The card of one repo: kind is "adapter" (LoRA, PEFT) or "merged" (16-bit, transformers)."""
+    _, _, title = KINDS[kind]
+    trained, base = metrics["trained"], metrics["base"]
+    problems = trained.get("problems")
+    capped = trained.get("capped_at")
+    scope = (f"the first {problems} problems of the GSM8K test split (eval.max_problems={capped})" if capped
+             else f"the GSM8K test split ({problems} problems)")
+    repo = repo_id or local_folder
+    other = ""
+    if other_repo_id:
+        other = (f"The merged 16-bit model is [{other_repo_id}](https://huggingface.co/{other_repo_id}).\n"
+                 if kind == "adapter" else
+                 f"The LoRA adapter alone is [{other_repo_id}](https://huggingface.co/{other_repo_id}).\n")
+    what = ("a LoRA adapter for" if kind == "adapter"
+            else "a full 16-bit model: the LoRA adapter merged into")
+    rows = [("accuracy (strict: number inside `<answer>`)", "accuracy"),
+            ("accuracy (lenient: last number anywhere)", "accuracy_lenient"),
+            ("format adherence", "format_adherence")]
+    results = "\n".join(f"| {label} | {base.get(key, float('nan')):.4f} | {trained.get(key, float('nan')):.4f} |"
+                        for label, key in rows)
+    lora_r = training_run.get("params", {}).get("lora", {}).get("r")
+    body = f"""
+# {title}: {base_model} fine-tuned with GRPO on GSM8K
+
+This repo holds {what} [{base_model}](https://huggingface.co/{base_model}), trained with GRPO
+(TRL, Unsloth, QLoRA) on the GSM8K training split with rule-based rewards (correct final answer,
+`<reasoning>`/`<answer>` format). {other}
+## Results
+
+Greedy decoding on {scope}, graded by the project's shared grader:
+
+| metric | base model | GRPO fine-tuned |
+|---|---|---|
+{results}
+
+![GRPO reward curves and GSM8K accuracy before and after training]({IMAGE})
+
+## Prompt format
+
+A chat with this system prompt, then the question as the user turn; the final number is read from
+`<answer>...</answer>`:
+
+```text
+{system_prompt}
+```
+
+## Usage
+
+`SYSTEM_PROMPT` is the system prompt above; `question` a math word problem.
+
+{_usage(kind, repo, base_model, lora_r)}
+
+## Training
+
+GRPO on [{DATASET}](https://huggingface.co/datasets/{DATASET}) (config `main`, train split), from
+`training_run.json` in this repo:
+
+{training_table(training_run)}
+"""
+    data = card_data(kind, repo_id, base_model, metrics)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")

@@ -1,0 +1,139 @@
+"""The real `dvc repro` on the tiny profile, in a fresh git + DVC copy of this repository."""
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from grpo_gsm8k import smoke
+from grpo_gsm8k.grading import parse_gold
+
+pytestmark = pytest.mark.slow
+STAGES = {"prepare", "train", "evaluate_base", "evaluate", "merge", "report", "push"}
+
+
+def dvc(ws: Path, *args: str) -> str:
+    proc = subprocess.run(["dvc", *args], cwd=ws, env=smoke.workspace_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+def ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([\w-]+)'", output))
+
+
+def git(ws: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ws, env=smoke.workspace_env(), check=True,
+                          capture_output=True, text=True).stdout
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    ws = smoke.make_workspace(tmp_path_factory.mktemp("pipeline") / "ws")
+    out = dvc(ws, "repro")
+    assert ran(out) == STAGES
+    git(ws, "add", "-A")
+    git(ws, "commit", "-qm", "first run")
+    return ws
+
+
+def test_prepare_writes_chat_prompts_and_stats(ws):
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    rows = [json.loads(line) for line in (ws / "data/prepared/train.jsonl").open()]
+    assert len(rows) == 48
+    for row in rows:
+        assert [m["role"] for m in row["prompt"]] == ["system", "user"]
+        assert row["prompt"][0]["content"] == params["data"]["system_prompt"]
+        assert row["prompt"][1]["content"] == row["question"]
+        parse_gold(row["answer"])
+    assert "#### " not in "".join(r["answer"] for r in rows)
+    stats = json.loads((ws / "data/prepared/stats.json").read_text())
+    assert stats["train"]["rows"] == 48 and stats["test"]["rows"] == 16
+    assert 50 < stats["test"]["prompt_tokens_mean"] <= stats["test"]["prompt_tokens_max"]
+
+
+def test_train_saves_adapter_effective_config_and_curves(ws):
+    adapter = ws / "models/adapter"
+    assert (adapter / "adapter_model.safetensors").stat().st_size > 0
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 8 and set(config["target_modules"]) >= {"q_proj", "down_proj"}
+    run = json.loads((adapter / "training_run.json").read_text())
+    assert run["effective_grpo_config"]["num_generations"] == 4
+    assert run["effective_grpo_config"]["logging_nan_inf_filter"] is False
+    assert run["effective_grpo_config"]["optim"] == "adamw_torch"  # the CPU fallback is what is recorded
+    assert {"torch", "transformers", "trl", "peft"} <= set(run["versions"])
+    metrics = json.loads((ws / "reports/train/metrics.json").read_text())
+    assert metrics["step"] == 4 and set(metrics["rewards"]) == {"correctness", "format", "single_number", "tag_count"}
+    curve = (ws / "reports/train/plots/metrics/reward.tsv").read_text().splitlines()
+    assert curve[0].split("\t") == ["timestamp", "step", "reward"] and len(curve) == 5
+    finished = json.loads((ws / "checkpoints/FINISHED.json").read_text())
+    assert finished["step"] == 4 and finished["run_hash"] == run["run_hash"]
+
+
+def test_evaluate_scores_base_and_trained_side_by_side(ws):
+    metrics = json.loads((ws / "reports/eval/metrics.json").read_text())
+    base = json.loads((ws / "reports/eval_base/metrics.json").read_text())
+    assert metrics["base"] == base
+    for m in (base, metrics["trained"]):
+        assert m["problems"] == 8 and m["capped_at"] == 8 and m["max_new_tokens"] == 24
+        assert 0 <= m["accuracy"] <= 1 and 0 <= m["accuracy_lenient"] <= 1 and 0 <= m["format_adherence"] <= 1
+        assert 0 < m["completion_tokens_mean"] <= 24
+    assert metrics["delta"]["accuracy"] == pytest.approx(metrics["trained"]["accuracy"] - base["accuracy"])
+    rows = [json.loads(line) for line in (ws / "reports/eval/predictions.jsonl").open()]
+    assert len(rows) == 8
+    assert {"prompt", "completion", "extracted", "gold", "correct"} <= set(rows[0])
+
+
+def test_merged_model_loads_and_equals_base_plus_adapter(ws):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged = AutoModelForCausalLM.from_pretrained(ws / "models/merged")
+    tokenizer = AutoTokenizer.from_pretrained(ws / "models/merged")
+    base = AutoModelForCausalLM.from_pretrained(ws / "tiny-model", dtype=torch.float32)
+    with_adapter = PeftModel.from_pretrained(base, ws / "models/adapter")
+    ids = tokenizer("What is 2 + 2?", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = with_adapter(ids).logits
+        got = merged(ids).logits.float()
+    assert torch.allclose(got, expected, atol=2e-2)  # merge.dtype is float32 in the tiny profile
+
+
+def test_report_and_push_receipt(ws):
+    png = (ws / "reports/summary.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    receipt = json.loads((ws / "reports/push.json").read_text())
+    assert receipt["uploaded"] is False  # no hub.repo_id in the tiny profile
+
+
+def test_second_repro_reruns_nothing(ws):
+    out = dvc(ws, "repro")
+    assert ran(out) == set()
+    assert "Data and pipelines are up to date" in dvc(ws, "status")
+
+
+def test_changed_train_param_reruns_train_and_what_follows(ws):
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["train"]["learning_rate"] = 0.002
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = dvc(ws, "repro")
+    assert ran(out) == {"train", "evaluate", "merge", "report", "push"}
+    git(ws, "checkout", "--", ".")  # back to the committed run for the experiments below
+    dvc(ws, "checkout")
+
+
+def test_experiments_show_in_metrics_and_plots_diff(ws):
+    dvc(ws, "exp", "run", "-n", "lr-high", "-S", "train.learning_rate=0.01")
+    dvc(ws, "exp", "run", "-n", "longer", "-S", "train.max_steps=6")
+    diff = json.loads(dvc(ws, "metrics", "diff", "lr-high", "longer", "--json"))
+    train = diff["reports/train/metrics.json"]
+    assert train["step"] == {"old": 4, "new": 6, "diff": 2}
+    assert train["learning_rate"]["old"] != train["learning_rate"]["new"]
+    plots = json.loads(dvc(ws, "plots", "diff", "lr-high", "longer", "--json"))
+    reward = plots["data"]["Reward (total and per function)"][0]
+    steps = {(row["rev"], int(row["step"])) for row in reward["content"]["data"]["values"]}
+    assert {("lr-high", 4), ("longer", 6)} <= steps and ("lr-high", 6) not in steps
