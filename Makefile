@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 
-.PHONY: all test smoke venv prepare train evaluate merge push lock clean-smoke
+.PHONY: all test smoke venv prepare train evaluate merge push lock check-lock lint-docker train-multi-gpu
 
 all:            ## run the whole pipeline with params.yaml (GPU + network)
 	dvc repro
@@ -24,3 +24,15 @@ test: venv      ## CPU test suite (what CI runs)
 
 smoke: venv     ## the whole DVC pipeline on a tiny random model, offline, on CPU, in minutes
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VPY) -m grpo_gsm8k.smoke build/smoke
+
+lock: venv      ## regenerate requirements.lock for Linux x86_64 / Python 3.12 (UPGRADE=1 to bump everything)
+	UV=$(CURDIR)/$(VENV)/bin/uv scripts/lock.sh
+
+check-lock: venv  ## the lock resolves and installs on the target platform (dry run, nothing installed)
+	UV=$(CURDIR)/$(VENV)/bin/uv scripts/check_lock.sh
+
+lint-docker: venv
+	HADOLINT=$(CURDIR)/$(VENV)/bin/hadolint scripts/lint_docker.sh
+
+train-multi-gpu:  ## train on N GPUs: make train-multi-gpu N=4 ACCEL=ddp|zero2 VLLM_SERVER=0|1
+	scripts/train_multi_gpu.sh

@@ -77,7 +77,14 @@ def load_split(split: str, source: str, hub_id: str, hub_config: str, local_dir:
         return read_jsonl(Path(local_dir) / f"{split}.jsonl")
     from datasets import load_dataset  # heavy import, and only this path needs it
 
-    return list(load_dataset(hub_id, hub_config, split=split))
+    try:
+        return list(load_dataset(hub_id, hub_config, split=split))
+    except (OSError, ConnectionError) as err:  # offline, unreachable Hub, unknown dataset id
+        raise DataError(
+            f"could not load {hub_id} ({hub_config}, {split}) from the Hugging Face Hub: {err}. "
+            f"Check the network and data.hub_id, or set data.source: local and data.local_dir to a folder "
+            f"with GSM8K's train.jsonl and test.jsonl"
+        ) from err
 
 
 def duplicate_questions(rows: list[dict]) -> int:

@@ -236,6 +236,7 @@ def publish(p: Params, token: str | None, receipt_path: str | Path, **paths) -> 
                 if mapped is err:
                     raise
                 raise mapped from None
+    receipt["uploaded"] = any(e["uploaded"] for e in receipt["repos"].values())  # anything new on the Hub
     return receipt
 
 

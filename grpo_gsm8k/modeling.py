@@ -113,7 +113,7 @@ def _unsloth_policy(p: Params) -> Policy:
         max_seq_length=p.model.max_seq_length,
         load_in_4bit=p.model.load_in_4bit,
         dtype=torch_dtype(p.model.dtype),
-        fast_inference=p.generation.use_vllm,
+        fast_inference=p.generation.use_vllm and p.generation.vllm_mode == "colocate",
         max_lora_rank=p.lora.r,
         gpu_memory_utilization=p.generation.vllm_gpu_memory_utilization,
     )

@@ -18,12 +18,13 @@ def atomic_path(target: str | Path):
     """Yield a temporary path beside ``target``; on success it replaces ``target`` (file or folder)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    _remove(tmp)
+    tmp = target.with_name(f".{target.name}.tmp")
+    _remove(tmp)  # a leftover of a killed earlier run
     try:
         yield tmp
         if target.is_dir() and not target.is_symlink():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            old = target.with_name(f".{target.name}.old")
+            _remove(old)
             target.rename(old)
             tmp.rename(target)
             shutil.rmtree(old)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .rewards import TAGS
+
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -16,7 +18,7 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-FORMAT_WORDS = ["<reasoning>", "</reasoning>", "<answer>", "</answer>", "Respond in the following format:"]
+FORMAT_WORDS = ["Respond in the following format:"]
 
 
 def build_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int = 512):
@@ -31,6 +33,9 @@ def build_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int = 512
     tok.train_from_iterator(list(texts) + FORMAT_WORDS * 50, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                         chat_template=CHAT_TEMPLATE, padding_side="left")
+    # One token per format tag: a random model then emits tags now and then, so the format rewards
+    # vary within a group and even the tiny profile's GRPO steps have non-zero advantages.
+    tokenizer.add_tokens(list(TAGS))
     tokenizer.save_pretrained(out_dir)
     return tokenizer
 

@@ -170,6 +170,8 @@ class MetricsLogger(TrainerCallback):
         if state.is_world_process_zero:
             from dvclive import Live
 
+            if self.resume:  # steps logged after the checkpoint are about to be redone
+                _truncate_curves(Path(self.live_dir), state.global_step)
             self.live = Live(self.live_dir, resume=self.resume, save_dvc_exp=False, dvcyaml=False)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -184,6 +186,14 @@ class MetricsLogger(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.live is not None:
             self.live.end()
+
+
+def _truncate_curves(live_dir: Path, last_step: int) -> None:
+    for tsv in live_dir.glob("plots/metrics/**/*.tsv"):
+        header, *rows = tsv.read_text().splitlines()
+        step = header.split("\t").index("step")
+        kept = [row for row in rows if int(row.split("\t")[step]) <= last_step]
+        tsv.write_text("\n".join([header, *kept]) + "\n")
 
 
 class Guards(TrainerCallback):

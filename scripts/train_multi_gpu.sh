@@ -109,6 +109,16 @@ fi
 NTRAIN=${#TRAIN_GPUS[@]}
 TRAIN_DEVICES="$(IFS=,; echo "${TRAIN_GPUS[*]}")"
 echo "== training on GPU(s) $TRAIN_DEVICES with $CONFIG ($NTRAIN processes)"
-# Not exec: the EXIT trap must run after training to stop the server.
-CUDA_VISIBLE_DEVICES="$TRAIN_DEVICES" accelerate launch --config_file "$CONFIG" \
-    --num_processes "$NTRAIN" stages/train.py "$@"
+LAUNCH=(accelerate launch --config_file "$CONFIG" --num_processes "$NTRAIN" stages/train.py "$@")
+if [ -z "${SERVER_PID:-}" ]; then
+    CUDA_VISIBLE_DEVICES="$TRAIN_DEVICES" exec "${LAUNCH[@]}"
+fi
+# With a server: train in the background and wait, so that a signal to this script is handled at
+# once (forwarded to the training, then the EXIT trap stops the server).
+CUDA_VISIBLE_DEVICES="$TRAIN_DEVICES" "${LAUNCH[@]}" &
+TRAIN_PID=$!
+trap 'kill -TERM "$TRAIN_PID" 2>/dev/null || true; wait "$TRAIN_PID" || true; exit 130' INT
+trap 'kill -TERM "$TRAIN_PID" 2>/dev/null || true; wait "$TRAIN_PID" || true; exit 143' TERM
+rc=0
+wait "$TRAIN_PID" || rc=$?
+exit "$rc"

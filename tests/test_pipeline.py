@@ -13,11 +13,14 @@ from grpo_gsm8k.grading import parse_gold
 
 pytestmark = pytest.mark.slow
 STAGES = {"prepare", "train", "evaluate_base", "evaluate", "merge", "report", "push"}
+TOKEN = "hf_PLANTEDsecret0123456789abcdefXYZ"  # must never be written or printed anywhere
 
 
 def dvc(ws: Path, *args: str) -> str:
-    proc = subprocess.run(["dvc", *args], cwd=ws, env=smoke.workspace_env(), capture_output=True, text=True)
+    env = dict(smoke.workspace_env(), HF_TOKEN=TOKEN)
+    proc = subprocess.run(["dvc", *args], cwd=ws, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    assert TOKEN not in proc.stdout + proc.stderr
     return proc.stdout + proc.stderr
 
 
@@ -68,7 +71,7 @@ def test_train_saves_adapter_effective_config_and_curves(ws):
     metrics = json.loads((ws / "reports/train/metrics.json").read_text())
     assert metrics["step"] == 4 and set(metrics["rewards"]) == {"correctness", "format", "single_number", "tag_count"}
     curve = (ws / "reports/train/plots/metrics/reward.tsv").read_text().splitlines()
-    assert curve[0].split("\t") == ["timestamp", "step", "reward"] and len(curve) == 5
+    assert curve[0].split("\t") == ["step", "reward"] and len(curve) == 5
     finished = json.loads((ws / "checkpoints/FINISHED.json").read_text())
     assert finished["step"] == 4 and finished["run_hash"] == run["run_hash"]
 
@@ -108,6 +111,14 @@ def test_report_and_push_receipt(ws):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     receipt = json.loads((ws / "reports/push.json").read_text())
     assert receipt["uploaded"] is False  # no hub.repo_id in the tiny profile
+
+
+def test_planted_token_is_in_no_output_log_lock_or_params(ws):
+    leaks = [str(path.relative_to(ws)) for path in ws.rglob("*")
+             if path.is_file() and TOKEN.encode() in path.read_bytes()]
+    assert leaks == []
+    for ignore_file in (".gitignore", ".dockerignore"):
+        assert ".env" in (ws / ignore_file).read_text().split()
 
 
 def test_second_repro_reruns_nothing(ws):

@@ -235,6 +235,7 @@ def test_publishes_both_repos_with_cards_and_a_receipt(workspace, fake_hub):
     rev = git(ws, "rev-parse", "--short", "HEAD")
     r = receipt(ws)
     assert r["git_revision"] == rev and r["dvc_revision"] == TRAIN_MD5 and r["private"] is True
+    assert r["uploaded"] is True
     for kind, repo_id in (("adapter", ADAPTER_REPO), ("merged", MERGED_REPO)):
         remote, entry = fake_hub.repos[repo_id], r["repos"][kind]
         assert remote["private"] is True
@@ -296,6 +297,7 @@ def test_rerun_with_unchanged_model_uploads_nothing(workspace, fake_hub):
     proc = run_push(workspace, fake_hub.url)
     assert proc.returncode == 0, proc.stderr
     second = receipt(workspace)
+    assert second["uploaded"] is False
     new = fake_hub.log[n_log:]
     assert [m for m, path, _ in new if m == "POST"] == []        # no create, preupload or commit
     assert len(new) == 2                                          # one head check per repo
@@ -341,6 +343,33 @@ def test_dirty_work_tree_is_named_in_the_commit(workspace, fake_hub):
         fake_hub.repos[MERGED_REPO]["commits"][-1]["summary"])
 
 
+def test_public_repos_and_existing_visibility_left_alone(workspace, fake_hub):
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["hub"]["private"] = False
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    fake_hub.repos[ADAPTER_REPO] = {"files": {}, "sha": "0" * 40, "commits": [], "private": True}
+    proc = run_push(workspace, fake_hub.url)
+    assert proc.returncode == 0, proc.stderr
+    assert fake_hub.repos[MERGED_REPO]["private"] is False          # created public
+    assert fake_hub.repos[ADAPTER_REPO]["private"] is True          # existed private: not flipped
+    assert f"warning: {ADAPTER_REPO} is private" in proc.stdout
+    assert receipt(workspace)["private"] is False
+    assert sorted(fake_hub.repos[ADAPTER_REPO]["files"]) == EXPECTED[ADAPTER_REPO]
+
+
+def test_only_the_adapter_repo_set_publishes_only_the_adapter(workspace, fake_hub):
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["hub"]["repo_id"] = None
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = run_push(workspace, fake_hub.url)
+    assert proc.returncode == 0, proc.stderr
+    assert set(fake_hub.repos) == {ADAPTER_REPO}
+    r = receipt(workspace)
+    assert r["repos"]["adapter"]["uploaded"] is True
+    assert r["repos"]["merged"]["uploaded"] is False and "hub.repo_id is null" in r["repos"]["merged"]["reason"]
+    assert r["repos"]["merged"]["files"] == EXPECTED[MERGED_REPO]
+
+
 def test_dry_run_without_repo_ids_says_what_it_would_upload(workspace, fake_hub):
     params = yaml.safe_load((workspace / "params.yaml").read_text())
     params["hub"] |= {"repo_id": None, "adapter_repo_id": None}
@@ -349,6 +378,7 @@ def test_dry_run_without_repo_ids_says_what_it_would_upload(workspace, fake_hub)
     proc = run_push(workspace, fake_hub.url, token=None)
     assert proc.returncode == 0, proc.stderr
     r = receipt(workspace)
+    assert r["uploaded"] is False
     assert fake_hub.log == []                                   # no network at all
     for kind, repo_id in (("adapter", ADAPTER_REPO), ("merged", MERGED_REPO)):
         e = r["repos"][kind]
