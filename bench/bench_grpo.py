@@ -210,6 +210,9 @@ def wrap_timed(trainer, timer, name: str, key: str, lengths: bool = False) -> bo
 
 
 def summarise(steps: list[dict], warmup: int = 1) -> dict:
+    """Steady state: the first `warmup` steps (compilation, allocator growth) are not counted; with fewer
+    steps than that, only the last one is."""
+    warmup = max(0, min(warmup, len(steps) - 1))
     timed = steps[warmup:]
     if not timed:
         return {"timed_steps": 0}
@@ -223,7 +226,7 @@ def summarise(steps: list[dict], warmup: int = 1) -> dict:
             "generate_s_per_step": round(gen / len(timed), 2),
             "rewards_and_bookkeeping_s_per_step": round((score - gen) / len(timed), 2),
             "train_s_per_step": round((secs - score) / len(timed), 2),
-            "first_step_seconds": steps[0]["seconds"]}
+            "first_step_seconds": steps[0]["seconds"], "warmup_steps_excluded": warmup}
 
 
 def perturb_lora_b(model, std: float, seed: int) -> int:
@@ -301,7 +304,7 @@ def cmd_train(a) -> None:
             entry["error"] = f"OOM: {err}"[:500]
             log(entry["error"])
         entry["steps"] = timer.steps
-        entry["summary"] = summarise(timer.steps)
+        entry["summary"] = summarise(timer.steps, a.warmup)
         entry["memory"] = memory()
         entry["trl_logs"] = [{k: v for k, v in row.items() if k.startswith(("completions/", "step_time", "loss",
                                                                           "grad_norm", "reward", "num_tokens"))}
@@ -311,7 +314,7 @@ def cmd_train(a) -> None:
             for s, row in zip(timer.steps, trainer.state.log_history):
                 if "completions/mean_length" in row:
                     s["completion_tokens"] = round(row["completions/mean_length"] * bc["completions_per_step"])
-            entry["summary"] = summarise(timer.steps)
+            entry["summary"] = summarise(timer.steps, a.warmup)
         log(f"config {name}: summary {entry['summary']} memory {entry['memory']}")
         result["configs"][name] = entry
         if a.save_adapter and name == a.configs[-1]:
@@ -528,7 +531,7 @@ def cmd_report(a) -> None:
             lines.append(
                 f"| {r['backend']} | {name} | {b['prompts_per_step']} x {p.train.num_generations} "
                 f"| {b['per_device_train_batch_size']} x {b['gradient_accumulation_steps']} | {b['completion_tokens']} "
-                f"| {s['seconds_per_step']} (first {s['first_step_seconds']:.0f}) "
+                f"| {s['seconds_per_step']} (first {s['first_step_seconds']:.0f}; {s['timed_steps']} timed) "
                 f"| **{s['completion_tokens_per_s']:,.0f}** "
                 f"| {s['generate_s_per_step']} / {s['rewards_and_bookkeeping_s_per_step']} / {s['train_s_per_step']} "
                 f"| {m.get('peak_allocated_gib', 'n/a')} / {m.get('peak_reserved_gib', 'n/a')} "
@@ -597,6 +600,7 @@ def main() -> None:
     t.add_argument("--configs", nargs="+", default=["reference", "defaults"], choices=sorted(CONFIGS))
     t.add_argument("--steps", type=int, default=3, help="optimizer steps for the reference (first is warm-up)")
     t.add_argument("--steps-big", type=int, default=3, help="optimizer steps for the other configs")
+    t.add_argument("--warmup", type=int, default=1, help="first steps of each config not timed (compilation)")
     t.add_argument("--completion", type=int, default=None, help="force this completion length for every config")
     t.add_argument("--budget-s", type=float, default=420, help="wall-clock budget for all configs")
     t.add_argument("--save-adapter", default=None)

@@ -168,7 +168,8 @@ def warm_up(size: Size, seed: int, out_dir: Path, data: dict, log=print) -> dict
         step += 1
         if step % size.warmup_check_every == 0:
             dev_acc = accuracy(model, tokenizer, dev_rows, len(dev_rows), size.train["max_completion_length"])["accuracy"]
-            log(f"warm-up step {step}: loss {loss.item():.3f}, dev accuracy {dev_acc:.3f}")
+            log(f"warm-up step {step}: loss {loss.item():.3f}, dev accuracy {dev_acc:.3f} "
+                f"({time.perf_counter() - start:.0f}s)")
             if dev_acc >= size.warmup_target:
                 break
     model.save_pretrained(out_dir)
