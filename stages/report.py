@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from grpo_gsm8k.outputs import atomic_path, read_json  # noqa: E402
 
@@ -26,13 +27,14 @@ def read_curve(path: Path) -> tuple[list[int], list[float]]:
 
 def summary_figure(curves_dir: Path, metrics: dict):
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
-    series = [("total reward", curves_dir / "reward.tsv")]
-    series += [(f"{p.parent.name}", p) for p in sorted((curves_dir / "rewards").glob("*/mean.tsv"))]
+    series = [("total (weighted sum)", curves_dir / "reward.tsv")]
+    series += [(f"{p.parent.name} (unweighted)", p) for p in sorted((curves_dir / "rewards").glob("*/mean.tsv"))]
     for label, path in series:
         if path.is_file():
             steps, values = read_curve(path)
-            left.plot(steps, values, label=label, linewidth=2.5 if label == "total reward" else 1.2)
+            left.plot(steps, values, label=label, linewidth=2.5 if label.startswith("total") else 1.2)
     left.set(title="GRPO training reward (mean per step)", xlabel="optimizer step", ylabel="reward")
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
     left.grid(alpha=0.3)
     left.legend(fontsize=8)
     kinds = ["accuracy", "accuracy_lenient", "format_adherence"]
