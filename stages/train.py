@@ -57,6 +57,7 @@ def train(p: config.Params) -> dict:
                 "base_model": p.model.name,
                 "backend": p.model.backend,
                 "resumed_from": str(checkpoint) if checkpoint else None,
+                "world_size": trainer.args.world_size,
                 "params": config.as_dict(p),
                 "effective_grpo_config": trainer.args.to_dict(),  # after TRL's and Unsloth's own overrides
                 "effective_lora_config": trainer.model.peft_config["default"].to_dict(),
