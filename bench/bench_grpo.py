@@ -273,7 +273,10 @@ def cmd_train(a) -> None:
                               "max_steps": a.steps if name == "reference" else a.steps_big,
                               "max_completion_length": bc["completion_tokens"], "save_steps": 10**6})
         left = len(a.configs) - i
-        deadline = min(deadline_all, time.time() + max(30.0, (deadline_all - time.time()) / left))
+        if a.reserve_s:  # keep a fixed reserve for each config still to come
+            deadline = deadline_all - a.reserve_s * (left - 1)
+        else:  # split what is left equally
+            deadline = min(deadline_all, time.time() + max(30.0, (deadline_all - time.time()) / left))
         log(f"config {name}: {bc}, max_steps {q.train.max_steps}, budget {deadline - time.time():.0f}s")
         set_seed(q.train.seed)
         if torch.cuda.is_available():
@@ -603,6 +606,7 @@ def main() -> None:
     t.add_argument("--warmup", type=int, default=1, help="first steps of each config not timed (compilation)")
     t.add_argument("--completion", type=int, default=None, help="force this completion length for every config")
     t.add_argument("--budget-s", type=float, default=420, help="wall-clock budget for all configs")
+    t.add_argument("--reserve-s", type=float, default=0, help="seconds kept for each later config (0: equal split)")
     t.add_argument("--save-adapter", default=None)
     t.add_argument("--noise-std", type=float, default=0.01)
     t.add_argument("--noise-seed", type=int, default=1234)
