@@ -20,6 +20,7 @@ distribution but no longer say which completion earned them, so nothing should b
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import tempfile
@@ -38,6 +39,7 @@ class Size:
     """Everything that differs between the CI run on CPU and the larger run on a GPU."""
 
     operand_max: int  # operands are 0..operand_max
+    carries: bool  # False: only pairs whose digits add up to less than 10 in every column
     n_test: int  # held-out problems, never used in warm-up or GRPO
     n_dev: int  # problems the warm-up checks its accuracy on (also never trained on)
     hidden_size: int
@@ -53,19 +55,21 @@ class Size:
 
 
 SIZES = {
+    # CI on 2 CPU cores: the warm-up takes ~500 steps (~40 s), each GRPO run 150 steps (~50 s).
     "cpu": Size(
-        operand_max=29, n_test=128, n_dev=64, hidden_size=64, layers=2, vocab_size=512,
-        warmup_lr=3e-3, warmup_batch=64, warmup_max_steps=1500, warmup_check_every=25, warmup_target=0.15,
+        operand_max=39, carries=True, n_test=256, n_dev=128, hidden_size=64, layers=2, vocab_size=512,
+        warmup_lr=3e-3, warmup_batch=64, warmup_max_steps=1500, warmup_check_every=50, warmup_target=0.3,
         lora=dict(r=16, alpha=32),
-        train=dict(learning_rate=5e-3, max_steps=60, per_device_train_batch_size=64, num_generations=8,
-                   max_completion_length=32),
+        train=dict(learning_rate=2e-3, max_steps=150, per_device_train_batch_size=128, num_generations=4,
+                   max_completion_length=24),
     ),
+    # One GPU: a 4x wider, 2x deeper model, ten thousand problems, a larger batch and twice the steps.
     "gpu": Size(
-        operand_max=99, n_test=512, n_dev=256, hidden_size=256, layers=4, vocab_size=1024,
-        warmup_lr=1e-3, warmup_batch=128, warmup_max_steps=20000, warmup_check_every=100, warmup_target=0.15,
+        operand_max=99, carries=True, n_test=512, n_dev=256, hidden_size=256, layers=4, vocab_size=512,
+        warmup_lr=1e-3, warmup_batch=128, warmup_max_steps=8000, warmup_check_every=100, warmup_target=0.3,
         lora=dict(r=32, alpha=64),
-        train=dict(learning_rate=2e-3, max_steps=300, per_device_train_batch_size=128, num_generations=8,
-                   max_completion_length=32),
+        train=dict(learning_rate=1e-3, max_steps=300, per_device_train_batch_size=256, num_generations=4,
+                   max_completion_length=24),
     ),
 }
 
@@ -77,10 +81,15 @@ def problems(size: Size, seed: int) -> dict[str, list[dict]]:
     """All additions a + b with a, b in 0..operand_max, shuffled and split into test, dev and train."""
     rows = [{"question": f"What is {a} + {b}?", "answer": str(a + b),
              "solution": f"<reasoning>\n{a} + {b} = {a + b}\n</reasoning>\n<answer>\n{a + b}\n</answer>"}
-            for a in range(size.operand_max + 1) for b in range(size.operand_max + 1)]
+            for a in range(size.operand_max + 1) for b in range(size.operand_max + 1)
+            if size.carries or _digit_sum(a) + _digit_sum(b) == _digit_sum(a + b)]
     random.Random(seed).shuffle(rows)
     test, dev = rows[:size.n_test], rows[size.n_test:size.n_test + size.n_dev]
     return {"test": test, "dev": dev, "train": rows[size.n_test + size.n_dev:]}
+
+
+def _digit_sum(n: int) -> int:
+    return sum(int(d) for d in str(n))
 
 
 def system_prompt() -> str:
@@ -133,6 +142,7 @@ def warm_up(size: Size, seed: int, out_dir: Path, data: dict, log=print) -> dict
     import torch
     from transformers import AutoModelForCausalLM, set_seed
 
+    from .modeling import load_tokenizer
     from .tiny import build_model, build_tokenizer
 
     info_file = out_dir / "warmup.json"
@@ -140,8 +150,13 @@ def warm_up(size: Size, seed: int, out_dir: Path, data: dict, log=print) -> dict
         return json.loads(info_file.read_text())
     set_seed(seed)
     texts = [r["question"] for r in data["train"]] + [r["solution"] for r in data["train"]] + [system_prompt()]
-    tokenizer = build_tokenizer(texts, out_dir, vocab_size=size.vocab_size)
-    build_model(tokenizer, out_dir, seed=seed, hidden_size=size.hidden_size, layers=size.layers)
+    build_model(build_tokenizer(texts, out_dir, vocab_size=size.vocab_size), out_dir, seed=seed,
+                hidden_size=size.hidden_size, layers=size.layers)
+    # The tokenizer exactly as the project loads it (load_policy, evaluate): AutoTokenizer on the
+    # finished folder, which for a qwen2 config is Qwen2's own class. It splits numbers into
+    # single digits like Qwen2.5 does, unlike the object build_tokenizer returns: warm-up, GRPO
+    # and evaluation must all see the same token ids.
+    tokenizer = load_tokenizer(str(out_dir))
     dev = device()
     model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).to(dev)
     encoded = [_encode(tokenizer, r) for r in data["train"]]
@@ -236,7 +251,10 @@ def run_experiment(size: str | Size = "cpu", seed: int = 0, control: bool = Fals
     name = size if isinstance(size, str) else "custom"
     workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="learning-"))
     data = {split: with_prompts(rows) for split, rows in problems(spec, seed).items()}
-    model_dir = workdir / f"warm-{name}-{seed}"
+    warm_key = {k: v for k, v in asdict(spec).items() if k not in ("lora", "train")}
+    warm_key["max_completion_length"] = spec.train["max_completion_length"]
+    digest = hashlib.sha256(json.dumps(warm_key, sort_keys=True).encode()).hexdigest()[:8]
+    model_dir = workdir / f"warm-{name}-{seed}-{digest}"
     model_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     warm = warm_up(spec, seed, model_dir, data, log=log)
@@ -246,6 +264,8 @@ def run_experiment(size: str | Size = "cpu", seed: int = 0, control: bool = Fals
     policy = load_policy(p)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device())
     before = accuracy(base, policy.tokenizer, data["test"], len(data["test"]), max_new)
+    seen = data["train"][:len(data["test"])]  # trained-on problems, to tell learning from memorising
+    before_seen = accuracy(base, policy.tokenizer, seen, len(seen), max_new)
     del base
 
     set_seed(seed)
@@ -258,6 +278,7 @@ def run_experiment(size: str | Size = "cpu", seed: int = 0, control: bool = Fals
     trainer.train()
     train_seconds = time.perf_counter() - train_start
     after = accuracy(trainer.model, policy.tokenizer, data["test"], len(data["test"]), max_new)
+    after_seen = accuracy(trainer.model, policy.tokenizer, seen, len(seen), max_new)
     rewards = [round(e["reward"], 4) for e in trainer.state.log_history if "reward" in e]
     correct = [round(e["rewards/correctness/mean"], 4) for e in trainer.state.log_history
                if "rewards/correctness/mean" in e]
@@ -265,6 +286,7 @@ def run_experiment(size: str | Size = "cpu", seed: int = 0, control: bool = Fals
         "size": name, "seed": seed, "control": control,
         "before": before["accuracy"], "after": after["accuracy"],
         "before_format": before["format_adherence"], "after_format": after["format_adherence"],
+        "before_seen": before_seen["accuracy"], "after_seen": after_seen["accuracy"],
         "rewards": rewards, "correctness": correct,
         "warmup": warm, "grpo_seconds": round(train_seconds, 1),
         "seconds": round(time.perf_counter() - start, 1),
@@ -294,13 +316,15 @@ def main() -> None:
             r = run_experiment(args.size, seed, control, workdir)
             r["reward_trend"] = round(trend(r["rewards"]), 4)
             results.append(r)
-    print("\n| seed | run | warm-up steps | before | after | gain | reward first->last quarter | seconds |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| seed | run | warm-up steps | held-out before | after | gain | trained-on before -> after "
+          "| correctness reward, first -> last quarter | seconds |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        n = max(1, len(r["rewards"]) // 4)
-        first, last = sum(r["rewards"][:n]) / n, sum(r["rewards"][-n:]) / n
-        print(f"| {r['seed']} | {'control' if r['control'] else 'GRPO'} | {r['warmup']['steps']} | {r['before']:.3f} | "
-              f"{r['after']:.3f} | {r['after'] - r['before']:+.3f} | {first:.2f} -> {last:.2f} | {r['seconds']} |")
+        n = max(1, len(r["correctness"]) // 4)
+        first, last = sum(r["correctness"][:n]) / n, sum(r["correctness"][-n:]) / n
+        print(f"| {r['seed']} | {'shuffled control' if r['control'] else 'GRPO'} | {r['warmup']['steps']} | "
+              f"{r['before']:.3f} | {r['after']:.3f} | {r['after'] - r['before']:+.3f} | "
+              f"{r['before_seen']:.3f} -> {r['after_seen']:.3f} | {first:.3f} -> {last:.3f} | {r['seconds']} |")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
 
