@@ -63,13 +63,16 @@ SIZES = {
         train=dict(learning_rate=2e-3, max_steps=150, per_device_train_batch_size=128, num_generations=4,
                    max_completion_length=24),
     ),
-    # One GPU: a 4x wider, 2x deeper model, ten thousand problems, a larger batch and twice the steps.
+    # One GPU: a 4x wider, 2x deeper model, ten thousand problems, twice the prompts per step and
+    # twice the steps. Not yet calibrated. A first attempt at lr 2e-3 with LoRA r=32/alpha=64 kept
+    # the format but lost correctness, as the same LoRA scale at 2e-3 did on CPU; hence r=16/alpha=32
+    # (the CPU size's) at half the CPU learning rate. The longest answer, 99 + 99, takes 24 tokens.
     "gpu": Size(
         operand_max=99, carries=True, n_test=512, n_dev=256, hidden_size=256, layers=4, vocab_size=512,
-        warmup_lr=1e-3, warmup_batch=128, warmup_max_steps=8000, warmup_check_every=100, warmup_target=0.3,
-        lora=dict(r=32, alpha=64),
+        warmup_lr=1e-3, warmup_batch=128, warmup_max_steps=8000, warmup_check_every=50, warmup_target=0.3,
+        lora=dict(r=16, alpha=32),
         train=dict(learning_rate=1e-3, max_steps=300, per_device_train_batch_size=256, num_generations=4,
-                   max_completion_length=24),
+                   max_completion_length=28),
     ),
 }
 
@@ -78,7 +81,8 @@ SIZES = {
 
 
 def problems(size: Size, seed: int) -> dict[str, list[dict]]:
-    """All additions a + b with a, b in 0..operand_max, shuffled and split into test, dev and train."""
+    """All additions a + b with a, b in 0..operand_max, shuffled and split into ``test`` (held out
+    from warm-up and GRPO), ``dev`` (the warm-up's stopping check) and ``train`` (both train on it)."""
     rows = [{"question": f"What is {a} + {b}?", "answer": str(a + b),
              "solution": f"<reasoning>\n{a} + {b} = {a + b}\n</reasoning>\n<answer>\n{a + b}\n</answer>"}
             for a in range(size.operand_max + 1) for b in range(size.operand_max + 1)
@@ -182,7 +186,8 @@ def warm_up(size: Size, seed: int, out_dir: Path, data: dict, log=print) -> dict
         optimizer.zero_grad(set_to_none=True)
         step += 1
         if step % size.warmup_check_every == 0:
-            dev_acc = accuracy(model, tokenizer, dev_rows, len(dev_rows), size.train["max_completion_length"])["accuracy"]
+            max_new = size.train["max_completion_length"]
+            dev_acc = accuracy(model, tokenizer, dev_rows, len(dev_rows), max_new)["accuracy"]
             log(f"warm-up step {step}: loss {loss.item():.3f}, dev accuracy {dev_acc:.3f} "
                 f"({time.perf_counter() - start:.0f}s)")
             if dev_acc >= size.warmup_target:
