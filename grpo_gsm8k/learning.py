@@ -64,9 +64,9 @@ SIZES = {
                    max_completion_length=24),
     ),
     # One GPU: a 4x wider, 2x deeper model, ten thousand problems, twice the prompts per step and
-    # twice the steps. Not yet calibrated. A first attempt at lr 2e-3 with LoRA r=32/alpha=64 kept
-    # the format but lost correctness, as the same LoRA scale at 2e-3 did on CPU; hence r=16/alpha=32
-    # (the CPU size's) at half the CPU learning rate. The longest answer, 99 + 99, takes 24 tokens.
+    # twice the steps; 10 runs at a time take ~7 min on one H100 (LEARNING.md). LoRA r=32/alpha=64
+    # at lr 2e-3 lost correctness; this scale at 1e-3 or 5e-4 gained +0.28 to +0.46 on every seed.
+    # The longest answer, 99 + 99, takes 24 tokens.
     "gpu": Size(
         operand_max=99, carries=True, n_test=512, n_dev=256, hidden_size=256, layers=4, vocab_size=512,
         warmup_lr=1e-3, warmup_batch=128, warmup_max_steps=8000, warmup_check_every=50, warmup_target=0.3,
@@ -238,6 +238,14 @@ def shuffled_rewards(funcs: list, seed: int) -> list:
     return [wrap(f) for f in funcs]
 
 
+def warm_dir(spec: Size, seed: int, workdir: Path) -> Path:
+    """Where the warm-up for this seed is cached: keyed by everything that shapes the warm-up."""
+    warm_key = {k: v for k, v in asdict(spec).items() if k not in ("lora", "train")}
+    warm_key["max_completion_length"] = spec.train["max_completion_length"]
+    digest = hashlib.sha256(json.dumps(warm_key, sort_keys=True).encode()).hexdigest()[:8]
+    return workdir / f"warm-{seed}-{digest}"
+
+
 def run_experiment(size: str | Size = "cpu", seed: int = 0, control: bool = False, workdir: str | Path | None = None,
                    log=print) -> dict:
     """Warm up (cached per size and seed under ``workdir``), measure, train with GRPO, measure again.
@@ -256,10 +264,7 @@ def run_experiment(size: str | Size = "cpu", seed: int = 0, control: bool = Fals
     name = size if isinstance(size, str) else "custom"
     workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="learning-"))
     data = {split: with_prompts(rows) for split, rows in problems(spec, seed).items()}
-    warm_key = {k: v for k, v in asdict(spec).items() if k not in ("lora", "train")}
-    warm_key["max_completion_length"] = spec.train["max_completion_length"]
-    digest = hashlib.sha256(json.dumps(warm_key, sort_keys=True).encode()).hexdigest()[:8]
-    model_dir = workdir / f"warm-{name}-{seed}-{digest}"
+    model_dir = warm_dir(spec, seed, workdir)
     model_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     warm = warm_up(spec, seed, model_dir, data, log=log)
@@ -276,7 +281,8 @@ def run_experiment(size: str | Size = "cpu", seed: int = 0, control: bool = Fals
     set_seed(seed)
     dataset = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in data["train"]])
     override = shuffled_rewards(training.reward_funcs(p), seed) if control else None
-    out_dir = workdir / f"grpo-{name}-{seed}-{'control' if control else 'real'}"
+    # A directory of its own: runs that share a warm-up may train at the same time (run_grid).
+    out_dir = Path(tempfile.mkdtemp(prefix=f"grpo-{name}-{seed}-{'control' if control else 'real'}-", dir=workdir))
     trainer = training.build_trainer(p, policy, dataset, str(out_dir), reward_funcs_override=override,
                                      save_strategy="no", disable_tqdm=True)
     train_start = time.perf_counter()
@@ -288,7 +294,7 @@ def run_experiment(size: str | Size = "cpu", seed: int = 0, control: bool = Fals
     correct = [round(e["rewards/correctness/mean"], 4) for e in trainer.state.log_history
                if "rewards/correctness/mean" in e]
     result = {
-        "size": name, "seed": seed, "control": control,
+        "size": name, "seed": seed, "control": control, "learning_rate": p.train.learning_rate,
         "before": before["accuracy"], "after": after["accuracy"],
         "before_format": before["format_adherence"], "after_format": after["format_adherence"],
         "before_seen": before_seen["accuracy"], "after_seen": after_seen["accuracy"],
@@ -296,8 +302,75 @@ def run_experiment(size: str | Size = "cpu", seed: int = 0, control: bool = Fals
         "warmup": warm, "grpo_seconds": round(train_seconds, 1),
         "seconds": round(time.perf_counter() - start, 1),
     }
+    result["reward_trend"] = round(trend(rewards), 4)
     log(json.dumps({k: v for k, v in result.items() if k not in ("rewards", "correctness")}))
     return result
+
+
+def run_grid(runs: list[tuple[str | Size, int, bool]], workdir: str | Path, processes: int = 1,
+             on_result=None) -> list[dict]:
+    """``run_experiment`` for every (size, seed, control), ``processes`` at a time, in the order given.
+
+    A model this small leaves a GPU mostly idle, so several runs share one. Each distinct warm-up
+    is made once, before any GRPO run starts, so that concurrent runs only read it. ``on_result``
+    is called with each result as it finishes, so a long grid can save as it goes.
+    """
+    workdir = Path(workdir)
+    on_result = on_result or (lambda result: None)
+    if processes <= 1:
+        results = []
+        for size, seed, control in runs:
+            results.append(run_experiment(size, seed, control, workdir))
+            on_result(results[-1])
+        return results
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    warm_ups = {warm_dir(SIZES[s] if isinstance(s, str) else s, seed, workdir): (s, seed) for s, seed, _ in runs}
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
+    with ProcessPoolExecutor(processes, mp_context=context) as pool:
+        list(pool.map(_warm_up_only, [(s, seed, workdir) for s, seed in warm_ups.values()]))
+        futures = {pool.submit(run_experiment, size, seed, control, workdir): k
+                   for k, (size, seed, control) in enumerate(runs)}
+        results = [None] * len(runs)
+        for future in as_completed(futures):
+            results[futures[future]] = future.result()
+            on_result(results[futures[future]])
+    return results
+
+
+def _warm_up_only(job: tuple) -> dict:
+    size, seed, workdir = job
+    spec = SIZES[size] if isinstance(size, str) else size
+    model_dir = warm_dir(spec, seed, workdir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    data = {split: with_prompts(rows) for split, rows in problems(spec, seed).items()}
+    return warm_up(spec, seed, model_dir, data)
+
+
+def plot(results: list[dict], path: str | Path) -> None:
+    """Reward and correctness-reward curves per run, GRPO solid and control dashed, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for k, r in enumerate(results):
+        label = f"seed {r['seed']} {'shuffled control' if r['control'] else 'GRPO'}"
+        label += f" (held-out {r['before']:.2f} -> {r['after']:.2f})"
+        style = dict(color=f"C{r['seed'] % 10}", linestyle="--" if r["control"] else "-", linewidth=1.2)
+        for ax, key in zip(axes, ("rewards", "correctness")):
+            window = max(1, len(r[key]) // 30)  # per-step means are noisy: a moving average shows the trend
+            smooth = [sum(r[key][max(0, i - window + 1):i + 1]) / len(r[key][max(0, i - window + 1):i + 1])
+                      for i in range(len(r[key]))]
+            ax.plot(range(1, len(smooth) + 1), smooth, label=label if ax is axes[0] else None, **style)
+    axes[0].set(title="total reward (mean over completions, moving average)", xlabel="GRPO step", ylabel="reward")
+    axes[1].set(title="correctness reward (fraction right)", xlabel="GRPO step", ylabel="mean")
+    fig.legend(loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * ((len(results) + 1) // 2), 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def trend(values: list[float], part: float = 0.25) -> float:
@@ -312,15 +385,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--control", action="store_true", help="also run the shuffled-reward control")
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--processes", type=int, default=1,
+                        help="runs at a time; on a GPU several small runs share the device")
     parser.add_argument("--out", default=None, help="write all results as JSON here")
+    parser.add_argument("--plot", default=None, help="write the reward curves as a PNG here")
     args = parser.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="learning-"))
-    results = []
-    for seed in args.seeds:
-        for control in ([False, True] if args.control else [False]):
-            r = run_experiment(args.size, seed, control, workdir)
-            r["reward_trend"] = round(trend(r["rewards"]), 4)
-            results.append(r)
+    runs = [(args.size, seed, control) for seed in args.seeds
+            for control in ([False, True] if args.control else [False])]
+    results = run_grid(runs, workdir, args.processes)
     print("\n| seed | run | warm-up steps | held-out before | after | gain | trained-on before -> after "
           "| correctness reward, first -> last quarter | seconds |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -332,6 +405,8 @@ def main() -> None:
               f"{r['before_seen']:.3f} -> {r['after_seen']:.3f} | {first:.3f} -> {last:.3f} | {r['seconds']} |")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
+    if args.plot:
+        plot(results, args.plot)
 
 
 if __name__ == "__main__":
