@@ -79,17 +79,35 @@ def training_table(training_run: dict) -> str:
     return "\n".join(lines)
 
 
-def _usage(kind: str, repo: str, base_model: str, lora_r: int | None) -> str:
-    merged = f'''```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
+def _stack(training_run: dict) -> str:
+    """What trained it, from the run's record: the card names only what was actually used."""
+    model = training_run.get("params", {}).get("model", {})
+    parts = ["TRL", "Unsloth" if training_run.get("backend") == "unsloth" else "PEFT"]
+    parts.append("QLoRA, 4-bit base" if model.get("load_in_4bit") else "LoRA")
+    return ", ".join(parts)
 
-model = AutoModelForCausalLM.from_pretrained("{repo}", torch_dtype="auto", device_map="auto")
+
+def _transformers_usage(imports: str, model_class: str, repo: str) -> str:
+    """Load ``repo`` with ``model_class`` and answer one question greedily, as evaluation does."""
+    return f'''```python
+{imports}
+
+model = {model_class}.from_pretrained("{repo}", dtype="auto", device_map="auto")
 tokenizer = AutoTokenizer.from_pretrained("{repo}")
 messages = [{{"role": "system", "content": SYSTEM_PROMPT}}, {{"role": "user", "content": question}}]
-inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt").to(model.device)
-output = model.generate(inputs, max_new_tokens=512, do_sample=False)
-print(tokenizer.decode(output[0, inputs.shape[1]:], skip_special_tokens=True))
-```
+prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+output = model.generate(**inputs, max_new_tokens=512, do_sample=False)
+print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```'''
+
+
+def _usage(kind: str, repo: str, base_model: str, lora_r: int | None) -> str:
+    messages = 'messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]'
+    if kind == "merged":
+        return f'''transformers:
+
+{_transformers_usage("from transformers import AutoModelForCausalLM, AutoTokenizer", "AutoModelForCausalLM", repo)}
 
 vLLM:
 
@@ -97,32 +115,13 @@ vLLM:
 from vllm import LLM, SamplingParams
 
 llm = LLM(model="{repo}")
-messages = [{{"role": "system", "content": SYSTEM_PROMPT}}, {{"role": "user", "content": question}}]
+{messages}
 print(llm.chat(messages, SamplingParams(temperature=0, max_tokens=512))[0].outputs[0].text)
 ```'''
-    if kind == "merged":
-        return "transformers:\n\n" + merged
+    peft_imports = "from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer"
     return f'''PEFT (base model + this adapter):
 
-```python
-from peft import AutoPeftModelForCausalLM
-from transformers import AutoTokenizer
-
-model = AutoPeftModelForCausalLM.from_pretrained("{repo}", torch_dtype="auto", device_map="auto")
-tokenizer = AutoTokenizer.from_pretrained("{repo}")
-messages = [{{"role": "system", "content": SYSTEM_PROMPT}}, {{"role": "user", "content": question}}]
-inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt").to(model.device)
-output = model.generate(inputs, max_new_tokens=512, do_sample=False)
-print(tokenizer.decode(output[0, inputs.shape[1]:], skip_special_tokens=True))
-```
-
-transformers (with `peft` installed, it loads the base model and applies the adapter):
-
-```python
-from transformers import AutoModelForCausalLM
-
-model = AutoModelForCausalLM.from_pretrained("{repo}", torch_dtype="auto", device_map="auto")
-```
+{_transformers_usage(peft_imports, "AutoPeftModelForCausalLM", repo)}
 
 vLLM (base model with the LoRA applied per request):
 
@@ -133,7 +132,7 @@ from vllm.lora.request import LoRARequest
 
 llm = LLM(model="{base_model}", enable_lora=True, max_lora_rank={lora_r or 64})
 lora = LoRARequest("gsm8k-grpo", 1, snapshot_download("{repo}"))
-messages = [{{"role": "system", "content": SYSTEM_PROMPT}}, {{"role": "user", "content": question}}]
+{messages}
 print(llm.chat(messages, SamplingParams(temperature=0, max_tokens=512), lora_request=lora)[0].outputs[0].text)
 ```'''
 
@@ -165,7 +164,7 @@ def build_card(kind: str, *, repo_id: str | None, local_folder: str, base_model:
 # {title}: {base_model} fine-tuned with GRPO on GSM8K
 
 This repo holds {what} [{base_model}](https://huggingface.co/{base_model}), trained with GRPO
-(TRL, Unsloth, QLoRA) on the GSM8K training split with rule-based rewards (correct final answer,
+({_stack(training_run)}) on the GSM8K training split with rule-based rewards (correct final answer,
 `<reasoning>`/`<answer>` format). {other}
 ## Results
 

@@ -452,3 +452,47 @@ def test_content_hash_depends_on_names_and_bytes():
     a = hub.content_hash({"a": "1", "b": "2"})
     assert a == hub.content_hash({"b": "2", "a": "1"})
     assert a != hub.content_hash({"a": "1", "b": "3"}) and a != hub.content_hash({"a": "1", "c": "2"})
+
+
+def test_card_usage_snippets_run_and_answer_like_the_evaluation(tiny_model, tmp_path):
+    """The transformers and PEFT snippets of both cards, run as written on local folders, print what
+    the project's own greedy evaluation generates for the same question."""
+    import contextlib
+    import io
+
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from grpo_gsm8k.evaluation import generate_hf
+    from grpo_gsm8k.gsm8k import build_prompt
+    from grpo_gsm8k.model_card import build_card
+    from grpo_gsm8k.modeling import load_tokenizer
+
+    p = config.parse(yaml.safe_load((ROOT / "profiles/tiny.yaml").read_text()))
+    tokenizer = load_tokenizer(str(tiny_model))
+    torch.manual_seed(0)  # init_lora_weights=False: a random B, so the adapter changes the answers
+    adapter = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                             LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter.save_pretrained(tmp_path / "adapter")
+    tokenizer.save_pretrained(tmp_path / "adapter")  # the train stage saves the tokenizer with the adapter
+    question = "Natalia sold clips to 48 of her friends in April. How many clips did she sell?"
+    answers = {}
+    for kind, folder in (("merged", tiny_model), ("adapter", tmp_path / "adapter")):
+        card = str(build_card(kind, repo_id=None, local_folder=str(folder), base_model=str(tiny_model),
+                              system_prompt=p.data.system_prompt, metrics=METRICS,
+                              training_run={"backend": "transformers", "params": config.as_dict(p)}))
+        snippets = [code for code in re.findall(r"```python\n(.*?)```", card, re.S) if "vllm" not in code]
+        assert len(snippets) == 1, card
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            exec(snippets[0], {"SYSTEM_PROMPT": p.data.system_prompt, "question": question})
+        answers[kind] = printed.getvalue().rstrip("\n")
+
+    prompt = [build_prompt(question, p.data.system_prompt)]
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert answers["merged"] == generate_hf(base, tokenizer, prompt, 1, 512)[0].text
+    with_adapter = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    assert answers["adapter"] == generate_hf(with_adapter, tokenizer, prompt, 1, 512)[0].text
+    assert answers["adapter"] != answers["merged"]  # the adapter snippet really applied the adapter
+    assert "TRL, PEFT, QLoRA" in card and "Unsloth" not in card  # the stack that trained it, from the run record
