@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from .config import ConfigError, Params, as_dict
+from .config import ConfigError, Params, UserError, as_dict
 from .rewards import REWARD_FUNCS
 
 MARKER = "grpo_gsm8k_checkpoint.json"  # written last into a checkpoint folder: it is complete
@@ -160,8 +160,27 @@ class CheckpointMarker(TrainerCallback):
                 (path / MARKER).write_text(json.dumps({"run_hash": self.run_id, "step": state.global_step}))
 
 
+def require_git_commit() -> None:
+    """DVCLive (MetricsLogger) fails in a git repository without a commit ("Empty git repo"), and
+    only once training begins, after the model has loaded: say so before anything loads."""
+    from scmrepo.exceptions import SCMError
+    from scmrepo.git import Git
+
+    try:
+        scm = Git()  # the repository around the working directory, as DVCLive finds it
+    except SCMError:
+        return  # not in a git repository: DVCLive logs without one
+    try:
+        if scm.no_commits:
+            raise UserError(f"the git repository at {scm.root_dir} has no commits, and DVCLive (the training "
+                            "curves) cannot log in it: commit once (`git add -A && git commit -m init`), then rerun")
+    finally:
+        scm.close()
+
+
 class MetricsLogger(TrainerCallback):
-    """Every numeric metric TRL logs goes to a DVCLive folder (``dvc plots show`` renders it)."""
+    """Every numeric metric TRL logs goes to a DVCLive folder (``dvc plots show`` renders it).
+    Call ``require_git_commit`` before loading anything."""
 
     def __init__(self, live_dir: str, resume: bool):
         self.live_dir, self.resume, self.live = live_dir, resume, None

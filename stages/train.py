@@ -29,6 +29,7 @@ def train(p: config.Params) -> dict:
     from grpo_gsm8k import training
     from grpo_gsm8k.outputs import atomic_path, read_jsonl, write_json
 
+    training.require_git_commit()
     set_seed(p.train.seed)
     dataset = Dataset.from_list(read_jsonl(TRAIN_FILE))
     run_id = training.run_hash(p, TRAIN_FILE)

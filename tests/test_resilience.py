@@ -170,3 +170,24 @@ def test_out_of_memory_is_answered_with_the_params_to_lower(tmp_path, tiny_model
                                          r"train\.max_completion_length"):
         train_stage.train(train_stage.config.load())
     assert not (tmp_path / "models").exists()
+
+
+def test_git_repository_without_commits_is_refused_before_anything_loads(tmp_path, monkeypatch):
+    """DVCLive would crash on an unborn HEAD only after the model loaded; the stage says so up front."""
+    root = Path(__file__).resolve().parent.parent
+    shutil.copy(root / "profiles/tiny.yaml", tmp_path / "params.yaml")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    proc = subprocess.run([sys.executable, str(root / "stages/train.py")], cwd=tmp_path,
+                          env=dict(os.environ, PYTHONPATH=str(root)), capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "has no commits" in proc.stderr and "git commit" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".git", "params.yaml"]  # nothing written
+
+    monkeypatch.chdir(tmp_path)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-q", "--allow-empty",
+                    "-m", "init"], check=True)
+    training.require_git_commit()  # one commit is enough
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    training.require_git_commit()  # found from a subfolder, as DVCLive finds it
