@@ -25,7 +25,7 @@ import json
 import random
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
@@ -246,6 +246,19 @@ def warm_dir(spec: Size, seed: int, workdir: Path) -> Path:
     return workdir / f"warm-{seed}-{digest}"
 
 
+def _spec(size: str | Size) -> Size:
+    return SIZES[size] if isinstance(size, str) else size
+
+
+def _warmed(size: str | Size, seed: int, workdir: Path, log=print) -> tuple[dict, Path, dict]:
+    """The seed's problems with prompts, and its warmed-up model's folder (made once, then reused)."""
+    spec = _spec(size)
+    data = {split: with_prompts(rows) for split, rows in problems(spec, seed).items()}
+    model_dir = warm_dir(spec, seed, workdir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    return data, model_dir, warm_up(spec, seed, model_dir, data, log=log)
+
+
 def run_experiment(size: str | Size = "cpu", seed: int = 0, control: bool = False, workdir: str | Path | None = None,
                    log=print) -> dict:
     """Warm up (cached per size and seed under ``workdir``), measure, train with GRPO, measure again.
@@ -260,14 +273,11 @@ def run_experiment(size: str | Size = "cpu", seed: int = 0, control: bool = Fals
     from . import training
     from .modeling import load_policy
 
-    spec = SIZES[size] if isinstance(size, str) else size
+    spec = _spec(size)
     name = size if isinstance(size, str) else "custom"
     workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="learning-"))
-    data = {split: with_prompts(rows) for split, rows in problems(spec, seed).items()}
-    model_dir = warm_dir(spec, seed, workdir)
-    model_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    warm = warm_up(spec, seed, model_dir, data, log=log)
+    data, model_dir, warm = _warmed(spec, seed, workdir, log=log)
     p = params_for(spec, seed, model_dir)
     max_new = p.train.max_completion_length
 
@@ -326,10 +336,10 @@ def run_grid(runs: list[tuple[str | Size, int, bool]], workdir: str | Path, proc
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    warm_ups = {warm_dir(SIZES[s] if isinstance(s, str) else s, seed, workdir): (s, seed) for s, seed, _ in runs}
+    warm_ups = {warm_dir(_spec(size), seed, workdir): (size, seed) for size, seed, _ in runs}
     context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
     with ProcessPoolExecutor(processes, mp_context=context) as pool:
-        list(pool.map(_warm_up_only, [(s, seed, workdir) for s, seed in warm_ups.values()]))
+        list(pool.map(_warmed, *zip(*warm_ups.values()), [workdir] * len(warm_ups)))
         futures = {pool.submit(run_experiment, size, seed, control, workdir): k
                    for k, (size, seed, control) in enumerate(runs)}
         results = [None] * len(runs)
@@ -337,15 +347,6 @@ def run_grid(runs: list[tuple[str | Size, int, bool]], workdir: str | Path, proc
             results[futures[future]] = future.result()
             on_result(results[futures[future]])
     return results
-
-
-def _warm_up_only(job: tuple) -> dict:
-    size, seed, workdir = job
-    spec = SIZES[size] if isinstance(size, str) else size
-    model_dir = warm_dir(spec, seed, workdir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    data = {split: with_prompts(rows) for split, rows in problems(spec, seed).items()}
-    return warm_up(spec, seed, model_dir, data)
 
 
 def plot(results: list[dict], path: str | Path) -> None:
@@ -356,14 +357,12 @@ def plot(results: list[dict], path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for k, r in enumerate(results):
+    for r in results:
         label = f"seed {r['seed']} {'shuffled control' if r['control'] else 'GRPO'}"
         label += f" (held-out {r['before']:.2f} -> {r['after']:.2f})"
         style = dict(color=f"C{r['seed'] % 10}", linestyle="--" if r["control"] else "-", linewidth=1.2)
         for ax, key in zip(axes, ("rewards", "correctness")):
-            window = max(1, len(r[key]) // 30)  # per-step means are noisy: a moving average shows the trend
-            smooth = [sum(r[key][max(0, i - window + 1):i + 1]) / len(r[key][max(0, i - window + 1):i + 1])
-                      for i in range(len(r[key]))]
+            smooth = _moving_average(r[key], max(1, len(r[key]) // 30))  # per-step means are noisy
             ax.plot(range(1, len(smooth) + 1), smooth, label=label if ax is axes[0] else None, **style)
     axes[0].set(title="total reward (mean over completions, moving average)", xlabel="GRPO step", ylabel="reward")
     axes[1].set(title="correctness reward (fraction right)", xlabel="GRPO step", ylabel="mean")
@@ -371,6 +370,11 @@ def plot(results: list[dict], path: str | Path) -> None:
     fig.tight_layout(rect=(0, 0.06 * ((len(results) + 1) // 2), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _moving_average(values: list[float], window: int) -> list[float]:
+    chunks = [values[max(0, i - window + 1):i + 1] for i in range(len(values))]
+    return [sum(chunk) / len(chunk) for chunk in chunks]
 
 
 def trend(values: list[float], part: float = 0.25) -> float:

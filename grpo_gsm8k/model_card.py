@@ -87,6 +87,9 @@ def _stack(training_run: dict) -> str:
     return ", ".join(parts)
 
 
+_MESSAGES = 'messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]'
+
+
 def _transformers_usage(imports: str, model_class: str, repo: str) -> str:
     """Load ``repo`` with ``model_class`` and answer one question greedily, as evaluation does."""
     return f'''```python
@@ -94,7 +97,7 @@ def _transformers_usage(imports: str, model_class: str, repo: str) -> str:
 
 model = {model_class}.from_pretrained("{repo}", dtype="auto", device_map="auto")
 tokenizer = AutoTokenizer.from_pretrained("{repo}")
-messages = [{{"role": "system", "content": SYSTEM_PROMPT}}, {{"role": "user", "content": question}}]
+{_MESSAGES}
 prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
 output = model.generate(**inputs, max_new_tokens=512, do_sample=False)
@@ -103,7 +106,6 @@ print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_to
 
 
 def _usage(kind: str, repo: str, base_model: str, lora_r: int | None) -> str:
-    messages = 'messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]'
     if kind == "merged":
         return f'''transformers:
 
@@ -115,7 +117,7 @@ vLLM:
 from vllm import LLM, SamplingParams
 
 llm = LLM(model="{repo}")
-{messages}
+{_MESSAGES}
 print(llm.chat(messages, SamplingParams(temperature=0, max_tokens=512))[0].outputs[0].text)
 ```'''
     peft_imports = "from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer"
@@ -132,7 +134,7 @@ from vllm.lora.request import LoRARequest
 
 llm = LLM(model="{base_model}", enable_lora=True, max_lora_rank={lora_r or 64})
 lora = LoRARequest("gsm8k-grpo", 1, snapshot_download("{repo}"))
-{messages}
+{_MESSAGES}
 print(llm.chat(messages, SamplingParams(temperature=0, max_tokens=512), lora_request=lora)[0].outputs[0].text)
 ```'''
 
