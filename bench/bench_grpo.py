@@ -22,7 +22,6 @@ Subcommands (run each backend in its own process: importing unsloth patches TRL 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import math
@@ -50,6 +49,9 @@ CONFIGS = {
     "p32": {"per_device_train_batch_size": 32, "gradient_accumulation_steps": 8},   # 32 prompts x 8
     "p64": {"per_device_train_batch_size": 64, "gradient_accumulation_steps": 8},   # 64 prompts x 8
 }
+# How each engine is told to generate exactly L tokens (random weights never stop by themselves): HF
+# generate's GenerationConfig, vLLM's SamplingParams (TRL passes generation_kwargs into either).
+FORCE_KEY = {"hf": "min_new_tokens", "vllm": "min_tokens"}
 # Peak rates for the floors: memory bandwidth (bytes/s) and dense bf16 matrix rate (FLOP/s).
 GPU_PEAKS = {"H100 PCIe": (2.0e12, 756e12), "H100": (3.35e12, 989e12), "H200": (4.8e12, 989e12)}
 
@@ -60,8 +62,10 @@ def log(msg: str) -> None:
 
 def replace(p: config.Params, **sections) -> config.Params:
     """params with some keys of some sections replaced, validated again."""
-    new = {name: dataclasses.replace(getattr(p, name), **values) for name, values in sections.items()}
-    return config.validate(dataclasses.replace(p, **new))
+    raw = config.as_dict(p)
+    for name, values in sections.items():
+        raw[name] = {**raw[name], **values}
+    return config.parse(raw)
 
 
 def load_records(path: Path, system_prompt: str, split: str) -> list[dict]:
@@ -246,7 +250,10 @@ def perturb_lora_b(model, std: float, seed: int) -> int:
 
 def cmd_train(a) -> None:
     p = config.load(ROOT / "params.yaml")
-    p = replace(p, model={"name": str(Path(a.model).resolve()), "backend": a.backend})
+    p = replace(p, model={"name": str(Path(a.model).resolve()), "backend": a.backend, "load_in_4bit": not a.bf16},
+                generation={"use_vllm": a.vllm, "vllm_mode": "colocate",
+                            **({"vllm_gpu_memory_utilization": a.gpu_memory} if a.gpu_memory else {})})
+    engine = "vllm" if a.vllm else "hf"
     if a.backend != "unsloth":
         assert "unsloth" not in sys.modules, "the transformers backend must run in a process without unsloth"
     modeling.check_backend(p)
@@ -261,10 +268,11 @@ def cmd_train(a) -> None:
     records = load_records(Path(a.data) / "train.jsonl", p.data.system_prompt, "train")
     dataset = Dataset.from_list(records)
     sample = prompt_lengths(modeling.load_tokenizer(a.model), [r["prompt"] for r in records[:1000]])
-    result = {"kind": "train", "backend": a.backend, "model": a.model, **gpu_info(),
+    result = {"kind": "train", "backend": a.backend, "engine": engine, "base_precision": "4-bit" if
+              p.model.load_in_4bit else p.model.dtype, "model": a.model, **gpu_info(),
               "versions": modeling.package_versions(), "params_base": config.as_dict(p),
               "train_prompt_tokens_mean": round(sum(sample) / len(sample), 1), "configs": {}}
-    out_name = a.out or f"train_{a.backend}"
+    out_name = a.out or f"train_{a.backend}_{engine}"
     policy = None
     for i, name in enumerate(a.configs):
         bc = batch_config(p, name, a.completion)
@@ -286,7 +294,7 @@ def cmd_train(a) -> None:
             policy = modeling.load_policy(q)
         timer = make_timer(deadline)
         trainer = training.build_trainer(q, policy, dataset, f"/tmp/bench_{a.backend}_{name}", callbacks=[timer],
-                                         generation_kwargs={"min_new_tokens": bc["completion_tokens"]},
+                                         generation_kwargs={FORCE_KEY[engine]: bc["completion_tokens"]},
                                          save_strategy="no")
         load_s = time.perf_counter() - t_load
         wrapped = {m: wrap_timed(trainer, timer, m, k, lengths=(k == "generate_s"))
@@ -309,7 +317,7 @@ def cmd_train(a) -> None:
         entry["steps"] = timer.steps
         entry["summary"] = summarise(timer.steps, a.warmup)
         entry["memory"] = memory()
-        entry["trl_logs"] = [{k: v for k, v in row.items() if k.startswith(("completions/", "step_time", "loss",
+        entry["trl_logs"] = [{k: v for k, v in row.items() if k.startswith(("completions/", "step_time", "loss", "sampling/", "entropy",
                                                                           "grad_norm", "reward", "num_tokens"))}
                              for row in trainer.state.log_history]
         if not timer.lengths and not any(s["completion_tokens"] for s in timer.steps):
@@ -438,22 +446,31 @@ def cmd_eval(a) -> None:
         records = sorted(records, key=lambda r: key[id(r)], reverse=True)[: a.limit]
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    model = modeling.load_merged(a.model, None, p.model.dtype if torch.cuda.is_available() else "float32")
-    load_s = time.perf_counter() - start
     prompts = [r["prompt"] for r in records]
-    evaluation.generate_hf(model, tok, prompts[:2], 2, 4, min_new_tokens=4)  # CUDA/kernel warm-up
-    sync()
     start = time.perf_counter()
-    comps = evaluation.generate_hf(model, tok, prompts, bs, length, min_new_tokens=length)
+    if a.engine == "vllm":  # what stages/evaluate.py runs when generation.use_vllm is true
+        llm = evaluation.load_vllm(a.model, p.model.max_seq_length, a.gpu_memory or p.generation.vllm_gpu_memory_utilization,
+                                   p.model.dtype)
+        load_s = time.perf_counter() - start
+        evaluation.generate_vllm(llm, prompts[:2], 4, min_new_tokens=4)
+        sync()
+        start = time.perf_counter()
+        comps = evaluation.generate_vllm(llm, prompts, length, min_new_tokens=length)
+    else:
+        model = modeling.load_merged(a.model, None, p.model.dtype if torch.cuda.is_available() else "float32")
+        load_s = time.perf_counter() - start
+        evaluation.generate_hf(model, tok, prompts[:2], 2, 4, min_new_tokens=4)  # CUDA/kernel warm-up
+        sync()
+        start = time.perf_counter()
+        comps = evaluation.generate_hf(model, tok, prompts, bs, length, min_new_tokens=length)
     sync()
     secs = time.perf_counter() - start
     rows, metrics = evaluation.score(records, comps)
     prompt_tokens = prompt_lengths(tok, prompts)
     n = len(records)
     batches = math.ceil(n / bs)
-    result = {"kind": "eval", "model": a.model, **gpu_info(), "versions": modeling.package_versions(),
-              "batch_size": bs, "forced_completion_tokens": length, "problems": n, "test_set_problems": total,
+    result = {"kind": "eval", "engine": a.engine, "model": a.model, **gpu_info(), "versions": modeling.package_versions(),
+              "batch_size": bs if a.engine == "hf" else "vLLM scheduler", "forced_completion_tokens": length, "problems": n, "test_set_problems": total,
               "subset": "longest prompts" if n < total else "whole test set",
               "load_seconds": round(load_s, 1), "generate_seconds": round(secs, 1),
               "problems_per_s": round(n / secs, 2), "completion_tokens_per_s": round(sum(c.tokens for c in comps) / secs),
@@ -466,7 +483,7 @@ def cmd_eval(a) -> None:
         result["estimate_note"] = (f"{batches} batch(es) of the longest prompts timed; the whole set needs "
                                    f"{full_batches} batches of at most this length (upper bound)")
     log(json.dumps(result, indent=1))
-    write_result(a.out or f"eval_bs{bs}", result)
+    write_result(a.out or (f"eval_bs{bs}" if a.engine == "hf" else "eval_vllm"), result)
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -612,6 +629,9 @@ def main() -> None:
     t.add_argument("--save-adapter", default=None)
     t.add_argument("--noise-std", type=float, default=0.01)
     t.add_argument("--noise-seed", type=int, default=1234)
+    t.add_argument("--vllm", action="store_true", help="generation.use_vllm (colocate; unsloth: fast_inference)")
+    t.add_argument("--bf16", action="store_true", help="model.load_in_4bit: false (16-bit base)")
+    t.add_argument("--gpu-memory", type=float, default=None, help="generation.vllm_gpu_memory_utilization")
     t.add_argument("--out", default=None)
     m = sub.add_parser("merge")
     m.add_argument("--model", default="/tmp/standin")
@@ -626,6 +646,8 @@ def main() -> None:
     e.add_argument("--batch-size", type=int, default=None, help="default: eval.batch_size from params.yaml")
     e.add_argument("--completion", type=int, default=None, help="forced tokens (default eval.max_new_tokens)")
     e.add_argument("--limit", type=int, default=None, help="time only the N longest prompts")
+    e.add_argument("--engine", choices=("hf", "vllm"), default="hf")
+    e.add_argument("--gpu-memory", type=float, default=None, help="vLLM's share of GPU memory")
     e.add_argument("--out", default=None)
     r = sub.add_parser("report")
     r.add_argument("--config", default="/work/shared/qwen2.5-tokenizer/config.json")

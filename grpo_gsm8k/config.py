@@ -71,6 +71,7 @@ class TrainConfig:
     temperature: float = 1.0
     beta: float = 0.0
     loss_type: str = "dapo"
+    scale_rewards: str = "group"
     mask_truncated_completions: bool = False
     logging_steps: int = 1
     save_steps: int = 25
@@ -208,6 +209,7 @@ def validate(p: Params) -> Params:
     _check(t.temperature > 0, "train.temperature", "must be > 0: GRPO needs sampled, diverse completions")
     _check(t.beta >= 0, "train.beta", "must be >= 0")
     _choice(t.loss_type, "train.loss_type", ("grpo", "dr_grpo", "dapo", "bnpo"))
+    _choice(t.scale_rewards, "train.scale_rewards", ("group", "batch", "none"))
     _choice(t.resume, "train.resume", ("auto", "fresh"))
     _choice(t.optim, "train.optim", ("adamw_8bit", "adamw_torch", "paged_adamw_8bit"))
     _choice(t.lr_scheduler_type, "train.lr_scheduler_type", ("cosine", "linear", "constant", "constant_with_warmup"))
@@ -217,6 +219,15 @@ def validate(p: Params) -> Params:
     _check(bool(t.reward_weights) and any(w != 0 for w in t.reward_weights.values()), "train.reward_weights",
            "give at least one reward a non-zero weight (correctness is the one that teaches maths)")
     _choice(p.generation.vllm_mode, "generation.vllm_mode", ("colocate", "server"))
+    shares_4bit = p.model.backend == "unsloth" and p.generation.vllm_mode == "colocate"  # fast_inference
+    _check(not (p.generation.use_vllm and p.model.load_in_4bit and not shares_4bit),
+           "generation.use_vllm",
+           "TRL syncs the policy to vLLM by merging the LoRA into the base weights; on a 4-bit base that merge "
+           "re-quantizes them and loses most of the update, so rollouts would not come from the policy being "
+           "trained. Set model.load_in_4bit: false (16-bit base: exact sync, the fastest path), or "
+           "model.backend: unsloth with generation.vllm_mode: colocate (4-bit weights shared with vLLM, LoRA "
+           "passed per request), or "
+           "generation.use_vllm: false (HF generate on the 4-bit model)")
     _check(0 < p.generation.vllm_gpu_memory_utilization < 1, "generation.vllm_gpu_memory_utilization",
            "must be in (0, 1), the share of GPU memory vLLM may take")
     _check(p.eval.max_problems is None or p.eval.max_problems > 0, "eval.max_problems", "must be positive or null")

@@ -38,7 +38,8 @@ def generate_hf(model, tokenizer, prompts: list[list[dict]], batch_size: int, ma
             with torch.inference_mode():
                 out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
                                      min_new_tokens=min_new_tokens, eos_token_id=sorted(eos_ids),
-                                     pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
+                                     pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None,
+                                     repetition_penalty=1.0)  # plain greedy, as vLLM: Qwen ships 1.05
             for row, i in enumerate(batch):
                 ids = out[row, enc["input_ids"].shape[1]:].tolist()
                 ended = next((k for k, t in enumerate(ids) if t in eos_ids), None)
@@ -49,15 +50,25 @@ def generate_hf(model, tokenizer, prompts: list[list[dict]], batch_size: int, ma
     return results
 
 
-def generate_vllm(model_name: str, adapter_dir: str | None, prompts: list[list[dict]], max_new_tokens: int,
-                  max_model_len: int, gpu_memory_utilization: float, max_lora_rank: int) -> list[Completion]:
-    """vLLM, when installed: the base model with the LoRA applied per request, greedy."""
-    from vllm import LLM, SamplingParams
+def load_vllm(model_name: str, max_model_len: int, gpu_memory_utilization: float, dtype: str,
+              max_lora_rank: int | None = None, seed: int = 0):
+    """A vLLM engine on the 16-bit base; with max_lora_rank, ready to apply a LoRA per request."""
+    from vllm import LLM
+
+    return LLM(model=model_name, dtype=dtype, enable_lora=max_lora_rank is not None,
+               max_lora_rank=max_lora_rank or 16, max_model_len=max_model_len,
+               gpu_memory_utilization=gpu_memory_utilization, seed=seed)
+
+
+def generate_vllm(llm, prompts: list[list[dict]], max_new_tokens: int, adapter_dir: str | None = None,
+                  min_new_tokens: int = 0, temperature: float = 0.0, seed: int = 0) -> list[Completion]:
+    """All prompts in one call, which vLLM schedules itself; the LoRA is applied per request, never merged
+    into the weights. Greedy by default; the chat template is the one generate_hf applies."""
+    from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
-    llm = LLM(model=model_name, enable_lora=adapter_dir is not None, max_lora_rank=max_lora_rank,
-              max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization)
-    sampling = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+    sampling = SamplingParams(temperature=temperature, max_tokens=max_new_tokens, min_tokens=min_new_tokens,
+                              seed=seed if temperature > 0 else None)
     lora = LoRARequest("adapter", 1, adapter_dir) if adapter_dir else None
     outputs = llm.chat(prompts, sampling, lora_request=lora, use_tqdm=True)
     return [Completion(o.outputs[0].text, len(o.outputs[0].token_ids), o.outputs[0].finish_reason == "length")

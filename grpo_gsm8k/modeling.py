@@ -8,6 +8,7 @@ imports it.
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import platform
 from dataclasses import dataclass
 
@@ -25,12 +26,21 @@ def cuda_available() -> bool:
 
 def check_backend(p: Params) -> None:
     """Fail before any download when the backend cannot run on this machine."""
-    if cuda_available():
-        return
-    if p.model.backend == "unsloth":
+    if p.model.backend == "unsloth" and not cuda_available():
         raise ConfigError("model.backend: unsloth needs a CUDA GPU; set model.backend: transformers to run on CPU")
-    if p.generation.use_vllm:
+    check_vllm(p)
+
+
+def check_vllm(p: Params) -> None:
+    """vLLM generates the rollouts and the evaluation when generation.use_vllm is true: it must be usable."""
+    if not p.generation.use_vllm:
+        return
+    if not cuda_available():
         raise ConfigError("generation.use_vllm: vLLM needs a CUDA GPU; set it to false to run on CPU")
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError("generation.use_vllm: vllm is not installed in this environment; install the pinned one "
+                          "(requirements.lock, as in the Docker image) or set generation.use_vllm: false "
+                          "(HF generate: several times slower, BENCHMARKS.md)")
 
 
 def import_backend(p: Params) -> None:

@@ -60,6 +60,7 @@ def grpo_args(p: Params, output_dir: str, cuda: bool, **overrides):
         temperature=t.temperature,
         beta=t.beta,
         loss_type=t.loss_type,
+        scale_rewards=t.scale_rewards,
         mask_truncated_completions=t.mask_truncated_completions,
         reward_weights=[t.reward_weights[n] for n in names],
         logging_steps=t.logging_steps,
@@ -74,6 +75,7 @@ def grpo_args(p: Params, output_dir: str, cuda: bool, **overrides):
         use_vllm=p.generation.use_vllm,
         vllm_mode=p.generation.vllm_mode,
         vllm_gpu_memory_utilization=p.generation.vllm_gpu_memory_utilization,
+        vllm_max_model_length=p.model.max_seq_length,  # TRL's default is the model's 32k: KV cache wasted
         report_to="none",
         disable_tqdm=False,
     )

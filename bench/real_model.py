@@ -1,0 +1,248 @@
+"""GRPO on a real instruct model through the project's own stages and the real GSM8K (LEARNING.md).
+
+  build  Qwen2.5-Coder-0.5B-Instruct's GGUF (shared/device/real-model.sh) -> a transformers folder in
+         bf16, with the real Qwen2.5 tokenizer files beside it.
+  run    for every (recipe, seed): a git workspace holding this repository's files and params.yaml with
+         the recipe's overrides, then dvc.yaml's own commands for prepare, evaluate_base, train and
+         evaluate. evaluate_base is greedy and seed-independent, so it runs once and is copied. Runs go
+         in parallel processes (a 0.5B model leaves most of an H100 idle). With --hf-agreement, the base
+         is also evaluated with HF generate, to compare with vLLM problem by problem. Writes
+         <out>/summary.json: {"model", "runs": [{"recipe", "seed", "params", "train_minutes", "base",
+         "trained", "curves"}], "agreement"}.
+
+`run --tiny` is the CPU dry run (tests/test_real_model.py): the tiny model, the fixture rows, HF generate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from grpo_gsm8k import smoke  # noqa: E402
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json")
+# Recipes: params overrides on top of params.yaml, shared by every seed. LEARNING.md says why each exists.
+RECIPES = {
+    "collapse": {"train.reward_weights": {"correctness": 2.0, "format": 0.5, "single_number": 0.5, "tag_count": 0.5},
+                 "train.learning_rate": 5.0e-5},
+    "correctness": {"train.reward_weights": {"correctness": 1.0}, "train.learning_rate": 2.0e-5},
+    "batch_scaled": {"train.reward_weights": {"correctness": 1.0, "format": 0.2}, "train.scale_rewards": "batch",
+                     "train.learning_rate": 2.0e-5},
+}
+CURVES = ("reward", "rewards/correctness/mean", "rewards/format/mean", "completions/mean_length",
+          "sampling/sampling_logp_difference/mean", "sampling/importance_sampling_ratio/mean", "entropy")
+
+
+def log(msg: str) -> None:
+    print(f"[real_model {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def cmd_build(a) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    gguf = Path(a.gguf)
+    start = time.perf_counter()
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    raw = loaded.config.to_dict()
+    raw.pop("quantization_config", None)  # a GGUF-loaded model refuses save_pretrained
+    clean = AutoModelForCausalLM.from_config(AutoConfig.for_model(raw.pop("model_type"), **raw), dtype=torch.bfloat16)
+    clean.load_state_dict(loaded.state_dict())
+    out = Path(a.out)
+    clean.save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        shutil.copy(Path(a.tokenizer) / name, out / name)
+    log(f"{out}: {sum(t.numel() for t in clean.parameters()) / 1e6:.0f}M parameters in "
+        f"{time.perf_counter() - start:.0f}s")
+
+
+def params_with(base: dict, overrides: dict) -> dict:
+    raw = json.loads(json.dumps(base))
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".", 1)
+        raw[section][key] = value
+    return raw
+
+
+def make_workspace(dest: Path, params: dict) -> Path:
+    """This repository's files and the given params in a git repository with one commit (DVCLive)."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    for rel in smoke.tracked_files(ROOT):
+        if rel.startswith(("bench/results/", "docs/")):
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, dest / rel)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = smoke.workspace_env()
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "workspace"]):
+        subprocess.run(cmd, cwd=dest, env=env, check=True)
+    return dest
+
+
+def run_stage(ws: Path, stage: str, logfile: Path) -> float:
+    """dvc.yaml's command for the stage, in the workspace; returns wall seconds."""
+    cmd = yaml.safe_load((ws / "dvc.yaml").read_text())["stages"][stage]["cmd"]
+    env = smoke.workspace_env()
+    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(ws), env.get("PYTHONPATH")])), PYTHONUNBUFFERED="1")
+    start = time.perf_counter()
+    with logfile.open("a") as out:
+        out.write(f"\n===== {stage}: {cmd}\n")
+        out.flush()
+        proc = subprocess.run(cmd, shell=True, cwd=ws, env=env, stdout=out, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{ws.name}: stage {stage} failed (exit {proc.returncode}); see {logfile}")
+    return time.perf_counter() - start
+
+
+def read_curves(ws: Path) -> dict:
+    root = ws / "reports/train/plots/metrics"
+    curves = {}
+    for name in CURVES:
+        tsv = root / f"{name}.tsv"
+        if tsv.is_file():
+            header, *rows = tsv.read_text().splitlines()
+            cols = header.split("\t")
+            curves[name] = [[int(r.split("\t")[cols.index("step")]), float(r.split("\t")[cols.index(name.split("/")[-1])])]
+                            for r in rows]
+    return curves
+
+
+def agreement(vllm_rows: list[dict], hf_rows: list[dict]) -> dict:
+    n = len(vllm_rows)
+    same = lambda key: sum(v[key] == h[key] for v, h in zip(vllm_rows, hf_rows, strict=True)) / n  # noqa: E731
+    return {"problems": n, "same_extracted_answer": round(same("extracted"), 4),
+            "same_strict_verdict": round(same("correct"), 4), "same_lenient_verdict": round(same("correct_lenient"), 4),
+            "identical_completion": round(same("completion"), 4)}
+
+
+def cmd_run(a) -> None:
+    work, out = Path(a.work).resolve(), Path(a.out).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    base = yaml.safe_load((ROOT / ("profiles/tiny.yaml" if a.tiny else "params.yaml")).read_text())
+    model = Path(a.model).resolve()
+    unknown = {run.split(":")[0] for run in a.runs} - set(RECIPES)
+    if unknown:
+        sys.exit(f"error: unknown recipe(s) {', '.join(sorted(unknown))}; known: {', '.join(RECIPES)}")
+    if a.tiny:
+        from grpo_gsm8k.tiny import build_tiny
+
+        data = ROOT / "tests/fixtures/gsm8k"
+        if not (model / "config.json").is_file():
+            build_tiny([json.loads(line)["question"] for line in (data / "train.jsonl").open()], model)
+    else:
+        data = Path(a.data).resolve()
+    common = {"model.name": str(model), "data.source": "local", "data.local_dir": str(data),
+              **{key: yaml.safe_load(value) for key, value in (kv.split("=", 1) for kv in a.set)}}
+    runs = [(recipe, int(seed)) for recipe, seed in (run.split(":") for run in a.runs)]
+    spaces = {}
+    for recipe, seed in runs:
+        params = params_with(base, {**common, **RECIPES[recipe], "train.seed": seed})
+        spaces[recipe, seed] = make_workspace(work / f"{recipe}-s{seed}", params)
+    first = spaces[runs[0]]
+    logs = {key: out / f"{key[0]}-s{key[1]}.log" for key in runs}
+    for key, ws in spaces.items():
+        logs[key].write_text("")
+        run_stage(ws, "prepare", logs[key])
+
+    def base_eval():
+        run_stage(first, "evaluate_base", logs[runs[0]])
+        return json.loads((first / "reports/eval_base/metrics.json").read_text())
+
+    def hf_base_eval():
+        hf = make_workspace(work / "hf-base", params_with(yaml.safe_load((first / "params.yaml").read_text()),
+                                                          {"generation.use_vllm": False}))
+        run_stage(hf, "prepare", out / "hf-base.log")
+        run_stage(hf, "evaluate_base", out / "hf-base.log")
+        return hf
+
+    def train(key):
+        ws = spaces[key]
+        minutes = run_stage(ws, "train", logs[key]) / 60
+        log(f"{key}: trained in {minutes:.1f} min")
+        return minutes
+
+    with ThreadPoolExecutor(max_workers=len(runs) + 2) as pool:
+        base_job = pool.submit(base_eval)
+        hf_job = pool.submit(hf_base_eval) if a.hf_agreement else None
+        train_jobs = {key: pool.submit(train, key) for key in runs}
+        base_metrics = base_job.result()
+        log(f"base: {base_metrics}")
+        for key, ws in spaces.items():
+            if ws != first:
+                shutil.copytree(first / "reports/eval_base", ws / "reports/eval_base", dirs_exist_ok=True)
+
+        def finish(key):
+            minutes = train_jobs[key].result()
+            run_stage(spaces[key], "evaluate", logs[key])
+            return minutes
+
+        done = {key: pool.submit(finish, key) for key in runs}
+        results = []
+        for recipe, seed in runs:
+            ws = spaces[recipe, seed]
+            minutes = done[recipe, seed].result()
+            metrics = json.loads((ws / "reports/eval/metrics.json").read_text())
+            run_info = json.loads((ws / "models/adapter/training_run.json").read_text())
+            results.append({"recipe": recipe, "seed": seed, "params": run_info["params"],
+                            "effective_grpo_config": {k: run_info["effective_grpo_config"].get(k) for k in (
+                                "learning_rate", "max_steps", "per_device_train_batch_size",
+                                "gradient_accumulation_steps", "num_generations", "reward_weights", "scale_rewards",
+                                "loss_type", "beta", "use_vllm", "vllm_mode", "temperature",
+                                "max_completion_length")},
+                            "train_minutes": round(minutes, 2), "base": metrics["base"], "trained": metrics["trained"],
+                            "delta": metrics["delta"], "curves": read_curves(ws)})
+            log(f"{recipe} seed {seed}: {metrics['delta']}")
+            for split in ("eval_base", "eval"):
+                shutil.copy(ws / f"reports/{split}/predictions.jsonl", out / f"{recipe}-s{seed}-{split}.jsonl")
+        summary = {"model": a.model_label or str(model), "data": str(data), "runs": results,
+                   "versions": run_info["versions"]}
+        if hf_job is not None:
+            hf = hf_job.result()
+            rows = lambda ws: [json.loads(line) for line in (ws / "reports/eval_base/predictions.jsonl").open()]  # noqa: E731
+            hf_metrics = json.loads((hf / "reports/eval_base/metrics.json").read_text())
+            summary["agreement"] = {"evaluate_base": base_metrics, "evaluate_base_hf": hf_metrics,
+                                    **agreement(rows(first), rows(hf))}
+            shutil.copy(hf / "reports/eval_base/predictions.jsonl", out / "hf-base-eval_base.jsonl")
+            log(f"agreement vLLM vs HF: {summary['agreement']}")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    log(f"wrote {out / 'summary.json'}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("--gguf", required=True)
+    b.add_argument("--tokenizer", required=True, help="folder with the Qwen2.5 tokenizer files")
+    b.add_argument("--out", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--model", required=True, help="transformers folder (built here with --tiny)")
+    r.add_argument("--model-label", default=None, help="the model's name in summary.json")
+    r.add_argument("--data", default=None, help="folder with GSM8K train.jsonl and test.jsonl")
+    r.add_argument("--runs", nargs="+", default=["correctness:0", "correctness:1"],
+                   help=f"recipe:seed pairs; recipes: {', '.join(RECIPES)}")
+    r.add_argument("--set", nargs="*", default=[], help="more params overrides, e.g. train.max_steps=60")
+    r.add_argument("--hf-agreement", action="store_true", help="also evaluate the base with HF generate")
+    r.add_argument("--tiny", action="store_true", help="CPU dry run: tiny model, fixture rows, tiny profile")
+    r.add_argument("--work", default="/tmp/real_model")
+    r.add_argument("--out", default=str(ROOT / "bench/results/real_model"))
+    a = ap.parse_args()
+    {"build": cmd_build, "run": cmd_run}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()
