@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import shutil
@@ -92,11 +93,13 @@ def make_workspace(dest: Path, params: dict) -> Path:
     return dest
 
 
-def run_stage(ws: Path, stage: str, logfile: Path) -> float:
-    """dvc.yaml's command for the stage, in the workspace; returns wall seconds."""
+def run_stage(ws: Path, stage: str, logfile: Path, port: int = 29500) -> float:
+    """dvc.yaml's command for the stage, in the workspace; returns wall seconds. `port`: torch.distributed's
+    rendezvous port, which TRL's colocated vLLM opens in every training process: one per parallel run."""
     cmd = yaml.safe_load((ws / "dvc.yaml").read_text())["stages"][stage]["cmd"]
     env = smoke.workspace_env()
-    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(ws), env.get("PYTHONPATH")])), PYTHONUNBUFFERED="1")
+    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(ws), env.get("PYTHONPATH")])), PYTHONUNBUFFERED="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     start = time.perf_counter()
     with logfile.open("a") as out:
         out.write(f"\n===== {stage}: {cmd}\n")
@@ -118,6 +121,11 @@ def read_curves(ws: Path) -> dict:
             curves[name] = [[int(r.split("\t")[cols.index("step")]), float(r.split("\t")[cols.index(name.split("/")[-1])])]
                             for r in rows]
     return curves
+
+
+def keep_predictions(src: Path, dest: Path) -> None:
+    with src.open("rb") as f, dest.open("wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as g:
+        shutil.copyfileobj(f, g)  # mtime 0: a rerun over the same predictions gives the same bytes
 
 
 def agreement(vllm_rows: list[dict], hf_rows: list[dict]) -> dict:
@@ -170,56 +178,61 @@ def cmd_run(a) -> None:
         return hf
 
     def train(key):
+        # vLLM sizes its KV cache from the GPU memory that appears while it profiles, other processes' too:
+        # the engines start one by one, after the evaluations, each once the one before is up.
+        time.sleep(a.stagger_s * runs.index(key))
         ws = spaces[key]
-        minutes = run_stage(ws, "train", logs[key]) / 60
-        log(f"{key}: trained in {minutes:.1f} min")
-        return minutes
+        run_stage(ws, "train", logs[key], port=29600 + runs.index(key))
 
     with ThreadPoolExecutor(max_workers=len(runs) + 2) as pool:
         base_job = pool.submit(base_eval)
         hf_job = pool.submit(hf_base_eval) if a.hf_agreement else None
-        train_jobs = {key: pool.submit(train, key) for key in runs}
-        base_metrics = base_job.result()
-        log(f"base: {base_metrics}")
+        log(f"base: {base_job.result()}")
+        hf_job and hf_job.result()
+        train_jobs = [pool.submit(train, key) for key in runs]
         for key, ws in spaces.items():
             if ws != first:
                 shutil.copytree(first / "reports/eval_base", ws / "reports/eval_base", dirs_exist_ok=True)
+        for job in train_jobs:
+            job.result()
+    for key in runs:  # one at a time: a vLLM engine starting beside another one's exit mis-measures memory
+        run_stage(spaces[key], "evaluate", logs[key])
+    summarize(work, runs, out, a.model_label or str(model))
 
-        def finish(key):
-            minutes = train_jobs[key].result()
-            run_stage(spaces[key], "evaluate", logs[key])
-            return minutes
 
-        done = {key: pool.submit(finish, key) for key in runs}
-        results = []
-        for recipe, seed in runs:
-            ws = spaces[recipe, seed]
-            minutes = done[recipe, seed].result()
-            metrics = json.loads((ws / "reports/eval/metrics.json").read_text())
-            run_info = json.loads((ws / "models/adapter/training_run.json").read_text())
-            results.append({"recipe": recipe, "seed": seed, "params": run_info["params"],
-                            "effective_grpo_config": {k: run_info["effective_grpo_config"].get(k) for k in (
-                                "learning_rate", "max_steps", "per_device_train_batch_size",
-                                "gradient_accumulation_steps", "num_generations", "reward_weights", "scale_rewards",
-                                "loss_type", "beta", "use_vllm", "vllm_mode", "temperature",
-                                "max_completion_length")},
-                            "train_minutes": round(minutes, 2), "base": metrics["base"], "trained": metrics["trained"],
-                            "delta": metrics["delta"], "curves": read_curves(ws)})
-            log(f"{recipe} seed {seed}: {metrics['delta']}")
-            for split in ("eval_base", "eval"):
-                shutil.copy(ws / f"reports/{split}/predictions.jsonl", out / f"{recipe}-s{seed}-{split}.jsonl")
-        summary = {"model": a.model_label or str(model), "data": str(data), "runs": results,
-                   "versions": run_info["versions"]}
-        if hf_job is not None:
-            hf = hf_job.result()
-            rows = lambda ws: [json.loads(line) for line in (ws / "reports/eval_base/predictions.jsonl").open()]  # noqa: E731
-            hf_metrics = json.loads((hf / "reports/eval_base/metrics.json").read_text())
-            summary["agreement"] = {"evaluate_base": base_metrics, "evaluate_base_hf": hf_metrics,
-                                    **agreement(rows(first), rows(hf))}
-            shutil.copy(hf / "reports/eval_base/predictions.jsonl", out / "hf-base-eval_base.jsonl")
-            log(f"agreement vLLM vs HF: {summary['agreement']}")
+def summarize(work: Path, runs: list[tuple[str, int]], out: Path, model_label: str) -> dict:
+    """summary.json from the runs' workspaces (the stages' own metrics), with their predictions beside it."""
+    results = []
+    for recipe, seed in runs:
+        ws = work / f"{recipe}-s{seed}"
+        metrics = json.loads((ws / "reports/eval/metrics.json").read_text())
+        train_metrics = json.loads((ws / "reports/train/metrics.json").read_text())
+        run_info = json.loads((ws / "models/adapter/training_run.json").read_text())
+        results.append({"recipe": recipe, "seed": seed, "params": run_info["params"],
+                        "effective_grpo_config": {k: run_info["effective_grpo_config"].get(k) for k in (
+                            "learning_rate", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+                            "num_generations", "reward_weights", "scale_rewards", "loss_type", "beta", "use_vllm",
+                            "vllm_mode", "temperature", "max_completion_length")},
+                        "train_minutes": round(train_metrics["train_runtime"] / 60, 2),
+                        "base": metrics["base"], "trained": metrics["trained"], "delta": metrics["delta"],
+                        "curves": read_curves(ws)})
+        log(f"{recipe} seed {seed}: {metrics['delta']}")
+        keep_predictions(ws / "reports/eval/predictions.jsonl", out / f"{recipe}-s{seed}-eval.jsonl.gz")
+    first = work / f"{runs[0][0]}-s{runs[0][1]}"
+    keep_predictions(first / "reports/eval_base/predictions.jsonl", out / "base-eval_base.jsonl.gz")
+    summary = {"model": model_label, "runs": results, "versions": run_info["versions"]}
+    hf = work / "hf-base"
+    if (hf / "reports/eval_base/metrics.json").is_file():  # vLLM's greedy evaluation against HF's, problem by problem
+        rows = lambda ws: [json.loads(line) for line in (ws / "reports/eval_base/predictions.jsonl").open()]  # noqa: E731
+        summary["agreement"] = {
+            "evaluate_base": json.loads((first / "reports/eval_base/metrics.json").read_text()),
+            "evaluate_base_hf": json.loads((hf / "reports/eval_base/metrics.json").read_text()),
+            **agreement(rows(first), rows(hf))}
+        keep_predictions(hf / "reports/eval_base/predictions.jsonl", out / "hf-base-eval_base.jsonl.gz")
+        log(f"agreement: {summary['agreement']}")
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     log(f"wrote {out / 'summary.json'}")
+    return summary
 
 
 def main() -> None:
@@ -237,10 +250,21 @@ def main() -> None:
                    help=f"recipe:seed pairs; recipes: {', '.join(RECIPES)}")
     r.add_argument("--set", nargs="*", default=[], help="more params overrides, e.g. train.max_steps=60")
     r.add_argument("--hf-agreement", action="store_true", help="also evaluate the base with HF generate")
+    r.add_argument("--stagger-s", type=float, default=0, help="seconds between the starts of parallel runs")
     r.add_argument("--tiny", action="store_true", help="CPU dry run: tiny model, fixture rows, tiny profile")
     r.add_argument("--work", default="/tmp/real_model")
     r.add_argument("--out", default=str(ROOT / "bench/results/real_model"))
+    m = sub.add_parser("summarize", help="summary.json again from the workspaces of an earlier run")
+    m.add_argument("--work", required=True)
+    m.add_argument("--runs", nargs="+", required=True)
+    m.add_argument("--model-label", required=True)
+    m.add_argument("--out", default=str(ROOT / "bench/results/real_model"))
     a = ap.parse_args()
+    if a.cmd == "summarize":
+        runs = [(recipe, int(seed)) for recipe, seed in (run.split(":") for run in a.runs)]
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        summarize(Path(a.work), runs, Path(a.out), a.model_label)
+        return
     {"build": cmd_build, "run": cmd_run}[a.cmd](a)
 
 
