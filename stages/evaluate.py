@@ -7,11 +7,10 @@ eval params); plain `evaluate.py` scores base + adapter and puts both side by si
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
-from grpo_gsm8k import config, evaluation, modeling
+from grpo_gsm8k import config, evaluation
 from grpo_gsm8k.outputs import read_json, read_jsonl, write_json, write_jsonl
 
 TEST_FILE = "data/prepared/test.jsonl"
@@ -20,16 +19,7 @@ ADAPTER = "models/adapter"
 
 def evaluate(p: config.Params, adapter: str | None) -> tuple[list[dict], dict]:
     records = read_jsonl(TEST_FILE)[: p.eval.max_problems]
-    cuda = modeling.cuda_available()
-    if cuda and importlib.util.find_spec("vllm"):
-        completions = evaluation.generate_vllm(p.model.name, adapter, [r["prompt"] for r in records],
-                                               p.eval.max_new_tokens, p.model.max_seq_length,
-                                               p.generation.vllm_gpu_memory_utilization, p.lora.r)
-    else:
-        model = modeling.load_merged(p.model.name, adapter, p.model.dtype if cuda else "float32")
-        tokenizer = modeling.load_tokenizer(p.model.name)
-        completions = evaluation.generate_hf(model, tokenizer, [r["prompt"] for r in records],
-                                             p.eval.batch_size, p.eval.max_new_tokens)
+    completions = evaluation.generate(p, adapter, [r["prompt"] for r in records])
     rows, metrics = evaluation.score(records, completions)
     metrics |= {"capped_at": p.eval.max_problems, "max_new_tokens": p.eval.max_new_tokens}
     return rows, metrics
