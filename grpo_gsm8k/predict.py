@@ -107,7 +107,9 @@ def render(results: list[dict], header: str) -> str:
         if r["gold"] is not None:
             lines.append(f"gold: {r['gold']}")
         for label in ("base", "trained"):
-            lines += [f"--- {label} ---", r[label]["completion"].strip() or "(empty)", _verdict(r[label])]
+            text = r[label]["completion"]
+            lines += [f"--- {label} ---", text.strip() or ("(only whitespace)" if text else "(empty)"),
+                      _verdict(r[label])]
     graded = [r for r in results if r["gold"] is not None]
     if graded:
         score = {label: sum(r[label]["correct"] for r in graded) for label in ("base", "trained")}

@@ -142,7 +142,8 @@ def test_sampling_is_seeded_and_the_text_view_shows_both_completions(trained_ws)
         assert ("gold: 72" in block) == (r["gold"] == "72")
         base_part, trained_part = block.split("--- base ---")[1].split("--- trained ---")
         for part, label in ((base_part, "base"), (trained_part, "trained")):
-            shown = r[label]["completion"].strip().replace("\r", "\n") or "(empty)"  # text mode reads \r as \n
+            text = r[label]["completion"]
+            shown = text.strip().replace("\r", "\n") or ("(only whitespace)" if text else "(empty)")  # \r: text mode
             assert shown in part  # same seed, same samples
             verdict = {True: "CORRECT", False: "WRONG", None: ""}[r[label]["correct"]]
             answer = r[label]["answer"] if r[label]["answer"] is not None else "none"
