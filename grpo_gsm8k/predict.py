@@ -15,6 +15,7 @@ project's one grader. `make predict ARGS='...'` runs it.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from pathlib import Path
@@ -87,6 +88,7 @@ def predict(p: config.Params, items: list[dict], temperature: float, seed: int) 
 
     prompts = [item["prompt"] for item in items]
     base = generate(p, None, prompts, temperature, seed)
+    gc.collect()  # the base model (a vLLM engine and its GPU memory) goes before the trained one loads
     trained = generate(p, str(ADAPTER), prompts, temperature, seed)
     return [{"question": item["question"], "gold": item["gold"], "base": _answer(b, item["gold"]),
              "trained": _answer(t, item["gold"])} for item, b, t in zip(items, base, trained, strict=True)]

@@ -541,7 +541,8 @@ def test_sky_task_uses_one_h100_and_hf_token_only_as_secret():
 
 # ---------------------------------------------------------------- scripts
 
-@pytest.mark.parametrize("script", ["lock.sh", "check_lock.sh", "lint_docker.sh", "train_multi_gpu.sh"])
+@pytest.mark.parametrize("script", ["lock.sh", "check_lock.sh", "lint_docker.sh", "train_multi_gpu.sh",
+                                    "check_install.sh"])
 def test_scripts_are_executable_bash(script):
     path = ROOT / "scripts" / script
     assert os.access(path, os.X_OK), f"{script} is not executable"
