@@ -67,6 +67,8 @@ def train(p: config.Params) -> dict:
                 "versions": modeling.package_versions(),
             }
             write_json(tmp / "training_run.json", run)
+            # The card's wording (model_card.py) is deliberately no DVC dependency of train or merge: a new
+            # wording must not retrain; push, which depends on it, always publishes the current card.
             (tmp / "README.md").write_text(folder_card("adapter", str(ADAPTER), run), encoding="utf-8")
         training.mark_finished(CHECKPOINTS, run_id, trainer.state.global_step)
     return {"global_step": trainer.state.global_step, **{k: v for k, v in result.metrics.items()}}
