@@ -2,7 +2,9 @@
 # GPU image of grpo-gsm8k: CUDA 13.0, Ubuntu 24.04, CPython 3.12, exactly requirements.lock.
 #
 #   docker build -t grpo-gsm8k .
-#   docker run --rm --gpus all -e HF_TOKEN -v hf-cache:/cache/huggingface grpo-gsm8k make all
+#   docker run --rm --gpus all --ipc=host --user "$(id -u):$(id -g)" -e HF_TOKEN \
+#       -v "$PWD":/app -v ~/.cache/huggingface:/cache/huggingface grpo-gsm8k make all
+# (run from the checkout: the results land in it; README.md "Docker" for the other ways)
 #
 # Host: an NVIDIA GPU, NVIDIA driver >= 580 (torch 2.11's PyPI wheels are CUDA 13 builds) and the
 # NVIDIA Container Toolkit (for --gpus). docker/entrypoint.sh checks the driver and says what is wrong.

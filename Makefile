@@ -3,13 +3,17 @@ PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 
-.PHONY: all test smoke venv prepare train evaluate merge push lock check-lock lint-docker train-multi-gpu
+.PHONY: all test smoke venv prepare train evaluate merge push predict lock check-lock lint-docker train-multi-gpu
 
 all:            ## run the whole pipeline with params.yaml (GPU + network)
 	dvc repro
 
 prepare train evaluate merge push:   ## run one stage (and what it depends on)
 	dvc repro $@
+
+ARGS ?= --test 3
+predict:        ## base vs trained side by side: make predict ARGS="--question '...'" (or --file q.jsonl, --test N)
+	python -m grpo_gsm8k.predict $(value ARGS)
 
 $(VENV)/.done: requirements-cpu.txt
 	$(PYTHON) -m venv $(VENV)

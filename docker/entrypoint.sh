@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Entrypoint of the GPU image: check the GPU and its driver, make /app usable by DVC, run the command.
+# Entrypoint of the GPU image: check the GPU and its driver, make the project folder usable by git,
+# DVC and the stages (the image's own copy in /app, or a checkout bind-mounted over it), run the command.
 #
-#   docker run --rm --gpus all -e HF_TOKEN grpo-gsm8k make all     # the whole pipeline
+#   docker run --rm --gpus all -e HF_TOKEN grpo-gsm8k make all     # the whole pipeline, results in the container
+#   docker run --rm --gpus all --user "$(id -u):$(id -g)" -v "$PWD":/app -e HF_TOKEN grpo-gsm8k make all
+#                                                                    # ... results in this checkout (README.md)
 #   docker run --rm -it grpo-gsm8k bash                              # no GPU: fails with a message
 #   docker run --rm -e ALLOW_NO_GPU=1 grpo-gsm8k dvc status          # ... unless told to go on
 #
@@ -72,8 +75,39 @@ setup_dvc() {
     fi
 }
 
+# With --user <host uid> (to write a bind-mounted checkout as its owner) the container's user has no
+# passwd entry: HOME is "/", not writable (git config, torch and triton caches need one), and
+# getpass (torch's compile cache) needs USER.
+setup_user() {
+    if [ -z "${HOME:-}" ] || [ "$HOME" = / ] || [ ! -w "$HOME" ]; then
+        export HOME="${TMPDIR:-/tmp}/home-$(id -u)"
+        mkdir -p "$HOME"
+    fi
+    if [ -z "${USER:-}" ]; then
+        USER="$(id -un 2>/dev/null || echo app)"
+        export USER
+    fi
+}
+
+# A bind-mounted checkout has .git and may belong to another uid than the container's user (rootless
+# Docker or Podman map the owner to another uid): git, and DVC and DVCLive through it, then refuse it
+# as "dubious ownership". Trust exactly this folder, for this container's user only.
+setup_git() {
+    [ -e .git ] && command -v git >/dev/null 2>&1 || return 0
+    git rev-parse --git-dir >/dev/null 2>&1 && return 0
+    git config --global --add safe.directory "$PWD"
+    echo "grpo-gsm8k: $PWD belongs to another user; marked as git safe.directory for this container" >&2
+}
+
 check_gpu
+setup_user
+setup_git
 setup_dvc
+# The stages import grpo_gsm8k from the working folder, not the image's installed copy: a checkout
+# bind-mounted over /app runs its own code, the code that DVC tracks as the stages' dependencies.
+if [ -d grpo_gsm8k ]; then
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 if [ "$#" -eq 0 ]; then
     set -- make all

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
+from . import modeling
+from .config import Params
 from .grading import extract_answer, is_correct, is_correct_lenient, parse_number
 from .rewards import has_format
 
@@ -19,9 +21,37 @@ class Completion:
     truncated: bool  # stopped by the token budget, not by an end-of-turn token
 
 
+def generate(p: Params, adapters: list[str | None], prompts: list[list[dict]], temperature: float = 0.0,
+             seed: int | None = None) -> list[list[Completion]]:
+    """The prompts' completions by the base model with each adapter (None: the base alone), under params'
+    model and eval settings: one vLLM engine applying each adapter per request when generation.use_vllm
+    is true (CUDA), transformers with each adapter merged otherwise. Greedy unless temperature > 0."""
+    modeling.check_vllm(p)
+    if p.generation.use_vllm:
+        lora = any(adapters)
+        llm = load_vllm(p.model.name, p.model.max_seq_length, p.generation.vllm_gpu_memory_utilization, p.model.dtype,
+                        max_lora_rank=p.lora.r if lora else None, seed=seed or 0)
+        return [generate_vllm(llm, prompts, p.eval.max_new_tokens, adapter, temperature=temperature, seed=seed or 0)
+                for adapter in adapters]
+    cuda = modeling.cuda_available()
+    tokenizer = modeling.load_tokenizer(p.model.name)
+    results = []
+    for adapter in adapters:
+        model = modeling.load_merged(p.model.name, adapter, p.model.dtype if cuda else "float32")
+        if seed is not None:
+            from transformers import set_seed
+
+            set_seed(seed)
+        results.append(generate_hf(model, tokenizer, prompts, p.eval.batch_size, p.eval.max_new_tokens,
+                                   temperature=temperature))
+        del model
+    return results
+
+
 def generate_hf(model, tokenizer, prompts: list[list[dict]], batch_size: int, max_new_tokens: int,
-                min_new_tokens: int = 0) -> list[Completion]:
-    """Left-padded batches of similar length (sorted), greedy; results in the original order."""
+                min_new_tokens: int = 0, temperature: float = 0.0) -> list[Completion]:
+    """Left-padded batches of similar length (sorted), greedy (or plain temperature sampling: no top-k
+    or top-p); results in the original order."""
     import torch
 
     texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
@@ -29,6 +59,8 @@ def generate_hf(model, tokenizer, prompts: list[list[dict]], batch_size: int, ma
     eos_ids = set(_eos_ids(model, tokenizer))
     results: list[Completion | None] = [None] * len(texts)
     tokenizer.padding_side = "left"
+    sampling = (dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0
+                else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
     start = time.perf_counter()
     with tqdm(total=len(texts), desc="evaluating", unit="problem") as bar:
         for first in range(0, len(order), batch_size):
@@ -36,10 +68,10 @@ def generate_hf(model, tokenizer, prompts: list[list[dict]], batch_size: int, ma
             enc = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True,
                             add_special_tokens=False).to(model.device)
             with torch.inference_mode():
-                out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
+                out = model.generate(**enc, **sampling, max_new_tokens=max_new_tokens,
                                      min_new_tokens=min_new_tokens, eos_token_id=sorted(eos_ids),
-                                     pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None,
-                                     repetition_penalty=1.0)  # plain greedy, as vLLM: Qwen ships 1.05
+                                     pad_token_id=tokenizer.pad_token_id,
+                                     repetition_penalty=1.0)  # as vLLM: Qwen's generation_config ships 1.05
             for row, i in enumerate(batch):
                 ids = out[row, enc["input_ids"].shape[1]:].tolist()
                 ended = next((k for k, t in enumerate(ids) if t in eos_ids), None)

@@ -2,8 +2,11 @@
 
 Two repos: the LoRA adapter (hub.adapter_repo_id, from models/adapter) and the merged 16-bit model
 (hub.repo_id, from models/merged). Each is uploaded from a staged folder: symlinks to the DVC
-output's files (never modified) plus a generated README.md model card, the summary figure and, for
-the merged model, the adapter's training_run.json. The token comes only from HF_TOKEN in the
+output's files (never modified), the summary figure, for the merged model the adapter's
+training_run.json, and README.md: the model card with the results, written first to
+reports/hub/<adapter|merged>/README.md (the push stage's output), so that what is published, or in a
+dry run what would be, is on disk byte for byte. The receipt maps every uploaded file to its local
+source. The token comes only from HF_TOKEN in the
 environment and is never printed or written; every message that leaves here is scrubbed of it.
 """
 
@@ -21,7 +24,7 @@ import yaml
 
 from .config import ConfigError, Params
 from .model_card import IMAGE, build_card
-from .outputs import read_json
+from .outputs import atomic_path, read_json
 
 ADAPTER = "models/adapter"
 MERGED = "models/merged"
@@ -29,6 +32,7 @@ EVAL_METRICS = "reports/eval/metrics.json"
 SUMMARY = "reports/summary.png"
 DVC_LOCK = "dvc.lock"
 TRAINING_RUN = "training_run.json"
+CARDS = "reports/hub"     # <CARDS>/<kind>/README.md: each repo's card exactly as uploaded
 SCAN_LIMIT = 64 * 2**20   # files up to this size are checked for the token before upload
 
 
@@ -45,7 +49,14 @@ class Target:
     repo_id: str | None
     folder: Path
     card: str                       # README.md text
+    card_file: Path                 # where the card is written before upload
     extra: dict[str, Path] = field(default_factory=dict)  # path in repo -> local file
+
+    def files(self) -> dict[str, Path]:
+        """Path in the repo -> local file: the output folder (its own README.md, the card the train or
+        merge stage wrote without results, replaced), the extra files and the card."""
+        files = {p.relative_to(self.folder).as_posix(): p for p in sorted(self.folder.rglob("*")) if p.is_file()}
+        return files | self.extra | {"README.md": self.card_file}
 
 
 def repo_keys(p: Params) -> dict[str, str | None]:
@@ -117,9 +128,10 @@ def content_hash(manifest: dict[str, str]) -> str:
 
 
 def targets(p: Params, adapter: str | Path = ADAPTER, merged: str | Path = MERGED,
-            metrics_file: str | Path = EVAL_METRICS, summary: str | Path = SUMMARY) -> list[Target]:
+            metrics_file: str | Path = EVAL_METRICS, summary: str | Path = SUMMARY,
+            cards: str | Path = CARDS) -> list[Target]:
     """The two repos, with their cards; fails naming the missing input if a stage has not run."""
-    adapter, merged, summary = Path(adapter), Path(merged), Path(summary)
+    adapter, merged, summary, cards = Path(adapter), Path(merged), Path(summary), Path(cards)
     for path in (adapter / TRAINING_RUN, merged, Path(metrics_file), summary):
         if not path.exists():
             raise ConfigError(f"{path}: not found; run the train, evaluate, merge and report stages first "
@@ -130,28 +142,25 @@ def targets(p: Params, adapter: str | Path = ADAPTER, merged: str | Path = MERGE
         Target("adapter", "hub.adapter_repo_id", p.hub.adapter_repo_id, adapter,
                str(build_card("adapter", repo_id=p.hub.adapter_repo_id, local_folder=str(adapter),
                               other_repo_id=p.hub.repo_id, **common)),
-               {IMAGE: summary}),
+               cards / "adapter" / "README.md", {IMAGE: summary}),
         Target("merged", "hub.repo_id", p.hub.repo_id, merged,
                str(build_card("merged", repo_id=p.hub.repo_id, local_folder=str(merged),
                               other_repo_id=p.hub.adapter_repo_id, **common)),
-               {IMAGE: summary, TRAINING_RUN: adapter / TRAINING_RUN}),
+               cards / "merged" / "README.md", {IMAGE: summary, TRAINING_RUN: adapter / TRAINING_RUN}),
     ]
 
 
 @contextlib.contextmanager
 def staged(target: Target) -> Iterator[Path]:
-    """A temporary folder that is exactly what gets uploaded: symlinks to the output's files (which
-    stay untouched), the extra files, and README.md (replacing any card PEFT wrote)."""
+    """Write the card to target.card_file, then yield a temporary folder that is exactly what gets
+    uploaded: symlinks to target.files() (the outputs stay untouched)."""
+    with atomic_path(target.card_file) as tmp:
+        tmp.write_text(target.card, encoding="utf-8")
     with tempfile.TemporaryDirectory(prefix=f"push-{target.kind}-") as tmp:
         root = Path(tmp)
-        files = {p.relative_to(target.folder).as_posix(): p.resolve()
-                 for p in sorted(target.folder.rglob("*")) if p.is_file()}
-        files |= {rel: Path(src).resolve() for rel, src in target.extra.items()}
-        files.pop("README.md", None)
-        for rel, src in files.items():
+        for rel, src in target.files().items():
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            (root / rel).symlink_to(src)
-        (root / "README.md").write_text(target.card, encoding="utf-8")
+            (root / rel).symlink_to(src.resolve())
         yield root
 
 
@@ -218,7 +227,8 @@ def publish(p: Params, token: str | None, receipt_path: str | Path, **paths) -> 
         with staged(target) as folder:
             manifest = folder_manifest(folder)
             entry = {"repo_id": target.repo_id, "url": None, "commit_id": None, "source": str(target.folder),
-                     "content_hash": content_hash(manifest), "files": sorted(manifest), "uploaded": False}
+                     "content_hash": content_hash(manifest),
+                     "files": {rel: str(src) for rel, src in sorted(target.files().items())}, "uploaded": False}
             if not target.repo_id or api is None:
                 why = f"{target.key} is null" if not target.repo_id else "HF_TOKEN is not set"
                 receipt["repos"][target.kind] = entry | {"reason": f"dry run: {why}"}
@@ -269,5 +279,5 @@ def summary_lines(receipt: dict) -> list[str]:
             lines.append(f"{kind}: {e['repo_id']} unchanged at commit {e['commit_id']}; nothing uploaded")
         else:
             lines.append(f"{kind}: {e['reason']}; would upload {n} files from {e['source']}: "
-                         + ", ".join(e["files"]))
+                         + ", ".join(e["files"]) + f" (model card: {e['files']['README.md']})")
     return lines

@@ -4,6 +4,8 @@ params of the run, the reward-curve image, the prompt format and usage snippets.
 
 Built only from the run's own files (reports/eval/metrics.json, models/adapter/training_run.json)
 and params, so an unchanged run gives a byte-identical card and the push stays idempotent.
+The train and merge stages write the same card, less the results (not measured yet), into the
+folders they make (folder_card); push publishes it with the results (hub.py).
 """
 
 from __future__ import annotations
@@ -32,13 +34,13 @@ def eval_results(base_model: str, metrics: dict) -> list[EvalResult]:
     ]
 
 
-def card_data(kind: str, repo_id: str | None, base_model: str, metrics: dict) -> ModelCardData:
+def card_data(kind: str, repo_id: str | None, base_model: str, metrics: dict | None) -> ModelCardData:
     relation, library, _ = KINDS[kind]
     return ModelCardData(
         model_name=(repo_id or f"{base_model}-gsm8k-grpo").split("/")[-1],
         base_model=base_model, base_model_relation=relation, library_name=library,
         pipeline_tag="text-generation", datasets=[DATASET], tags=list(TAGS), metrics=["accuracy"],
-        eval_results=eval_results(base_model, metrics),
+        eval_results=eval_results(base_model, metrics) if metrics else None,
     )
 
 
@@ -139,15 +141,30 @@ print(llm.chat(messages, SamplingParams(temperature=0, max_tokens=512), lora_req
 ```'''
 
 
-def build_card(kind: str, *, repo_id: str | None, local_folder: str, base_model: str, system_prompt: str,
-               metrics: dict, training_run: dict, other_repo_id: str | None = None) -> ModelCard:
-    """The card of one repo: kind is "adapter" (LoRA, PEFT) or "merged" (16-bit, transformers)."""
-    _, _, title = KINDS[kind]
+def _results(metrics: dict | None) -> str:
+    if not metrics:
+        return ("Not measured when this folder was written: the evaluate stage scores the model, and the "
+                "push stage\nwrites this card with the results and the reward curves to `reports/hub/`, "
+                "as it publishes it.")
     trained, base = metrics["trained"], metrics["base"]
-    problems = trained.get("problems")
-    capped = trained.get("capped_at")
+    problems, capped = trained.get("problems"), trained.get("capped_at")
     scope = (f"the first {problems} problems of the GSM8K test split (eval.max_problems={capped})" if capped
              else f"the GSM8K test split ({problems} problems)")
+    rows = [("accuracy (strict: number inside `<answer>`)", "accuracy"),
+            ("accuracy (lenient: last number anywhere)", "accuracy_lenient"),
+            ("format adherence", "format_adherence")]
+    table = "\n".join(f"| {label} | {base.get(key, float('nan')):.4f} | {trained.get(key, float('nan')):.4f} |"
+                      for label, key in rows)
+    return (f"Greedy decoding on {scope}, graded by the project's shared grader:\n\n"
+            f"| metric | base model | GRPO fine-tuned |\n|---|---|---|\n{table}\n\n"
+            f"![GRPO reward curves and GSM8K accuracy before and after training]({IMAGE})")
+
+
+def build_card(kind: str, *, repo_id: str | None, local_folder: str, base_model: str, system_prompt: str,
+               metrics: dict | None, training_run: dict, other_repo_id: str | None = None) -> ModelCard:
+    """The card of one repo: kind is "adapter" (LoRA, PEFT) or "merged" (16-bit, transformers);
+    metrics None (not evaluated yet) leaves out the results and the model-index."""
+    _, _, title = KINDS[kind]
     repo = repo_id or local_folder
     other = ""
     if other_repo_id:
@@ -156,11 +173,6 @@ def build_card(kind: str, *, repo_id: str | None, local_folder: str, base_model:
                  f"The LoRA adapter alone is [{other_repo_id}](https://huggingface.co/{other_repo_id}).\n")
     what = ("a LoRA adapter for" if kind == "adapter"
             else "a full 16-bit model: the LoRA adapter merged into")
-    rows = [("accuracy (strict: number inside `<answer>`)", "accuracy"),
-            ("accuracy (lenient: last number anywhere)", "accuracy_lenient"),
-            ("format adherence", "format_adherence")]
-    results = "\n".join(f"| {label} | {base.get(key, float('nan')):.4f} | {trained.get(key, float('nan')):.4f} |"
-                        for label, key in rows)
     lora_r = training_run.get("params", {}).get("lora", {}).get("r")
     body = f"""
 # {title}: {base_model} fine-tuned with GRPO on GSM8K
@@ -170,13 +182,7 @@ This repo holds {what} [{base_model}](https://huggingface.co/{base_model}), trai
 `<reasoning>`/`<answer>` format). {other}
 ## Results
 
-Greedy decoding on {scope}, graded by the project's shared grader:
-
-| metric | base model | GRPO fine-tuned |
-|---|---|---|
-{results}
-
-![GRPO reward curves and GSM8K accuracy before and after training]({IMAGE})
+{_results(metrics)}
 
 ## Prompt format
 
@@ -202,3 +208,11 @@ GRPO on [{DATASET}](https://huggingface.co/datasets/{DATASET}) (config `main`, t
 """
     data = card_data(kind, repo_id, base_model, metrics)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def folder_card(kind: str, folder: str, training_run: dict) -> str:
+    """The card that the train (adapter) and merge (merged) stages write as the folder's README.md in
+    place of PEFT's template: from the run record alone, so those stages read no other file."""
+    return str(build_card(kind, repo_id=None, local_folder=folder, base_model=training_run["base_model"],
+                          system_prompt=training_run["params"]["data"]["system_prompt"], metrics=None,
+                          training_run=training_run))

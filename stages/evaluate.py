@@ -18,18 +18,8 @@ ADAPTER = "models/adapter"
 
 
 def evaluate(p: config.Params, adapter: str | None) -> tuple[list[dict], dict]:
-    modeling.check_vllm(p)
     records = read_jsonl(TEST_FILE)[: p.eval.max_problems]
-    prompts = [r["prompt"] for r in records]
-    if p.generation.use_vllm:
-        llm = evaluation.load_vllm(p.model.name, p.model.max_seq_length, p.generation.vllm_gpu_memory_utilization,
-                                   p.model.dtype, max_lora_rank=p.lora.r if adapter else None)
-        completions = evaluation.generate_vllm(llm, prompts, p.eval.max_new_tokens, adapter)
-    else:
-        cuda = modeling.cuda_available()
-        model = modeling.load_merged(p.model.name, adapter, p.model.dtype if cuda else "float32")
-        tokenizer = modeling.load_tokenizer(p.model.name)
-        completions = evaluation.generate_hf(model, tokenizer, prompts, p.eval.batch_size, p.eval.max_new_tokens)
+    [completions] = evaluation.generate(p, [adapter], [r["prompt"] for r in records])
     rows, metrics = evaluation.score(records, completions)
     metrics |= {"capped_at": p.eval.max_problems, "max_new_tokens": p.eval.max_new_tokens,
                 "engine": "vllm" if p.generation.use_vllm else "transformers"}
@@ -42,6 +32,7 @@ def main() -> None:
     base = parser.parse_args().base
     try:
         p = config.load()
+        modeling.check_vllm(p)
     except config.UserError as err:
         sys.exit(f"error: {err}")
     out = Path("reports/eval_base" if base else "reports/eval")

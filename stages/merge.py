@@ -1,12 +1,13 @@
 """Stage 4: the base model in 16-bit (not the 4-bit training copy) with the adapter merged in,
-saved as a folder that AutoModelForCausalLM/AutoTokenizer.from_pretrained load."""
+saved as a folder that AutoModelForCausalLM/AutoTokenizer.from_pretrained load, with the model card."""
 
 from __future__ import annotations
 
 import sys
 
 from grpo_gsm8k import config, modeling
-from grpo_gsm8k.outputs import atomic_path
+from grpo_gsm8k.model_card import folder_card
+from grpo_gsm8k.outputs import atomic_path, read_json
 
 ADAPTER = "models/adapter"
 MERGED = "models/merged"
@@ -18,6 +19,8 @@ def merge(p: config.Params) -> None:
     with atomic_path(MERGED) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        run = read_json(f"{ADAPTER}/training_run.json")
+        (tmp / "README.md").write_text(folder_card("merged", MERGED, run), encoding="utf-8")
 
 
 def main() -> None:

@@ -2,8 +2,9 @@
 to the Hugging Face Hub, each with a generated model card, or say what would be published.
 
 Publishes only with a repo id set and HF_TOKEN in the environment; the token is never printed or
-written anywhere. Writes reports/push.json on success (also for a dry run); a rerun with an
-unchanged model uploads nothing. A failed push leaves no receipt behind.
+written anywhere. Writes each repo's model card to reports/hub/<adapter|merged>/README.md and
+reports/push.json on success (also for a dry run: the receipt maps every file it would upload to its
+local source); a rerun with an unchanged model uploads nothing. A failed push leaves no receipt behind.
 """
 
 from __future__ import annotations

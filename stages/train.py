@@ -1,6 +1,7 @@
 """Stage 2: GRPO with a (Q)LoRA adapter on the prepared GSM8K prompts, resuming after a crash.
 
-Reads top to bottom: params, seed, data, model, rewards, trainer, train, save.
+Reads top to bottom: params, seed, data, model, rewards, trainer, train, save (adapter, run record and
+the model card, in place of PEFT's template).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def train(p: config.Params) -> dict:
     from transformers import set_seed
 
     from grpo_gsm8k import training
+    from grpo_gsm8k.model_card import folder_card
     from grpo_gsm8k.outputs import atomic_path, read_jsonl, write_json
 
     training.require_git_commit()
@@ -53,7 +55,7 @@ def train(p: config.Params) -> dict:
         with atomic_path(ADAPTER) as tmp:
             trainer.model.save_pretrained(tmp)
             policy.tokenizer.save_pretrained(tmp)
-            write_json(tmp / "training_run.json", {
+            run = {
                 "run_hash": run_id,
                 "base_model": p.model.name,
                 "backend": p.model.backend,
@@ -63,7 +65,11 @@ def train(p: config.Params) -> dict:
                 "effective_grpo_config": trainer.args.to_dict(),  # after TRL's and Unsloth's own overrides
                 "effective_lora_config": trainer.model.peft_config["default"].to_dict(),
                 "versions": modeling.package_versions(),
-            })
+            }
+            write_json(tmp / "training_run.json", run)
+            # The card's wording (model_card.py) is deliberately no DVC dependency of train or merge: a new
+            # wording must not retrain; push, which depends on it, always publishes the current card.
+            (tmp / "README.md").write_text(folder_card("adapter", str(ADAPTER), run), encoding="utf-8")
         training.mark_finished(CHECKPOINTS, run_id, trainer.state.global_step)
     return {"global_step": trainer.state.global_step, **{k: v for k, v in result.metrics.items()}}
 

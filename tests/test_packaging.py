@@ -291,9 +291,12 @@ def test_every_hadolint_ignore_has_a_reason():
 # ---------------------------------------------------------------- entrypoint
 
 def _run_entrypoint(tmp_path: Path, driver: str | None, env_extra: dict | None = None,
-                    workdir: Path | None = None) -> subprocess.CompletedProcess:
+                    workdir: Path | None = None, command: tuple[str, ...] = ("echo", "COMMAND-RAN"),
+                    ) -> subprocess.CompletedProcess:
     fake = tmp_path / "bin"
     fake.mkdir(exist_ok=True)
+    if not (fake / "python").exists():
+        (fake / "python").symlink_to(sys.executable)
     smi = fake / "nvidia-smi"
     if driver is None:
         smi.unlink(missing_ok=True)
@@ -303,7 +306,7 @@ def _run_entrypoint(tmp_path: Path, driver: str | None, env_extra: dict | None =
     dvc = find_tool("dvc")
     path = [str(fake)] + ([str(Path(dvc).parent)] if dvc else []) + ["/usr/bin", "/bin"]
     env = {"PATH": os.pathsep.join(path), "HOME": str(tmp_path), **(env_extra or {})}
-    return subprocess.run(["bash", str(ROOT / "docker" / "entrypoint.sh"), "echo", "COMMAND-RAN"],
+    return subprocess.run(["bash", str(ROOT / "docker" / "entrypoint.sh"), *command],
                           cwd=workdir or tmp_path, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -335,9 +338,6 @@ def test_entrypoint_makes_dvc_work_without_git(tmp_path, has_dvc_dir):
         (app / ".dvc").mkdir()
         (app / ".dvc" / "config").write_text("")
     (app / "dvc.yaml").write_text("stages:\n  a:\n    cmd: echo hi > out.txt\n    outs: [out.txt]\n")
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "python").symlink_to(sys.executable)
     res = _run_entrypoint(tmp_path, "580.95.05", workdir=app)
     assert res.returncode == 0, res.stderr
     config = (app / ".dvc" / ("config.local" if has_dvc_dir else "config")).read_text()
@@ -348,6 +348,85 @@ def test_entrypoint_makes_dvc_work_without_git(tmp_path, has_dvc_dir):
                          env=dict(os.environ, DVC_NO_ANALYTICS="1"))
     assert res.returncode == 0, res.stdout + res.stderr
     assert (app / "out.txt").read_text().strip() == "hi"
+
+
+def _checkout(tmp_path: Path) -> Path:
+    """A committed git + DVC checkout, as bind-mounted over /app: a package grpo_gsm8k of its own and
+    a stage script that says which grpo_gsm8k it imports."""
+    dvc = find_tool("dvc")
+    if not dvc:
+        pytest.skip("dvc not installed next to this Python or on PATH")
+    app = tmp_path / "app"
+    (app / "grpo_gsm8k").mkdir(parents=True)
+    (app / "grpo_gsm8k" / "__init__.py").write_text("")
+    (app / "stages").mkdir()
+    (app / "stages" / "where.py").write_text("import grpo_gsm8k\nprint(grpo_gsm8k.__file__)\n")
+    (app / "dvc.yaml").write_text("stages:\n  a:\n    cmd: python stages/where.py > out.txt\n    outs: [out.txt]\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
+    subprocess.run([*git, "init", "-q"], cwd=app, check=True)
+    subprocess.run([dvc, "init", "-q"], cwd=app, check=True, env=dict(os.environ, DVC_NO_ANALYTICS="1"))
+    subprocess.run([*git, "add", "-A"], cwd=app, check=True)
+    subprocess.run([*git, "commit", "-qm", "checkout"], cwd=app, check=True)
+    return app
+
+
+def test_entrypoint_runs_a_bind_mounted_checkout_with_git_and_its_own_code(tmp_path):
+    """A checkout mounted over /app keeps git (no no-SCM switch), and its stages import the checkout's
+    grpo_gsm8k, which DVC tracks, rather than the copy installed in the image."""
+    app = _checkout(tmp_path)
+    res = _run_entrypoint(tmp_path, "580.95.05", {"DVC_NO_ANALYTICS": "1"}, workdir=app,
+                          command=("dvc", "repro", "-q"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (app / "out.txt").read_text().strip() == str(app / "grpo_gsm8k" / "__init__.py")
+    assert not (app / ".dvc" / "config.local").exists()
+    assert "no_scm" not in (app / ".dvc" / "config").read_text()
+
+
+def test_entrypoint_trusts_a_checkout_owned_by_another_user(tmp_path):
+    """Rootless Docker/Podman, or --user other than the owner: git and DVC's libgit2 refuse a
+    repository of another uid ("dubious ownership") unless it is a git safe.directory."""
+    app = _checkout(tmp_path)
+    env = {"DVC_NO_ANALYTICS": "1"}
+    if os.geteuid() == 0:  # really another owner: both git and libgit2 (DVC experiments) check it
+        for path in [app, *app.rglob("*")]:
+            os.chown(path, 4321, 4321, follow_symlinks=False)
+    else:  # git's own switch for testing this check (libgit2 does not read it)
+        env["GIT_TEST_ASSUME_DIFFERENT_OWNER"] = "1"
+    res = _run_entrypoint(tmp_path, "580.95.05", env, workdir=app,
+                          command=("bash", "-c", "git rev-parse --short HEAD && dvc exp show --no-pager"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "safe.directory" in res.stderr and "workspace" in res.stdout
+    assert f"directory = {app}" in (tmp_path / ".gitconfig").read_text()  # the container user's HOME
+
+
+def test_entrypoint_gives_a_user_without_passwd_entry_a_home_and_a_name(tmp_path):
+    """`docker run --user "$(id -u):$(id -g)"`: Docker sets HOME=/ (not writable) and no USER."""
+    res = _run_entrypoint(tmp_path, "580.95.05", {"HOME": "/", "TMPDIR": str(tmp_path)},
+                          command=("bash", "-c", 'touch "$HOME/written" && echo "$HOME" "$USER"'))
+    assert res.returncode == 0, res.stderr
+    home, user = res.stdout.split()
+    assert home == f"{tmp_path}/home-{os.getuid()}" and (Path(home) / "written").exists() and user
+
+
+def docker_run_commands(text: str) -> list[str]:
+    """Every `docker run ...` command of a text, continuation lines joined (comment marks dropped)."""
+    lines = [re.sub(r"^\s*#\s?", "", line) for line in text.splitlines()]
+    joined = re.sub(r"\\\n\s*", " ", "\n".join(lines))
+    return [m.group(0) for m in re.finditer(r"docker run [^\n]*", joined)]
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/cloud.md", "Dockerfile"])
+def test_documented_docker_runs_keep_results_and_pass_the_token_by_name(doc):
+    """`make all` in a container must leave its results on the host: the checkout bind-mounted over
+    /app as the host user, or /app in a named volume; HF_TOKEN only ever by name (-e HF_TOKEN)."""
+    commands = docker_run_commands((ROOT / doc).read_text())
+    pipelines = [c for c in commands if "make all" in c]
+    assert pipelines, f"no `docker run ... make all` in {doc}"
+    for cmd in pipelines:
+        bind = '-v "$PWD":/app' in cmd and '--user "$(id -u):$(id -g)"' in cmd
+        assert bind or re.search(r"-v [\w.-]+:/app\s", cmd), f"{doc}: results stay in the container: {cmd}"
+    for cmd in commands:
+        assert not re.search(r"HF_TOKEN=", cmd) and "build-arg" not in cmd, cmd
 
 
 # ---------------------------------------------------------------- accelerate configs
@@ -462,7 +541,8 @@ def test_sky_task_uses_one_h100_and_hf_token_only_as_secret():
 
 # ---------------------------------------------------------------- scripts
 
-@pytest.mark.parametrize("script", ["lock.sh", "check_lock.sh", "lint_docker.sh", "train_multi_gpu.sh"])
+@pytest.mark.parametrize("script", ["lock.sh", "check_lock.sh", "lint_docker.sh", "train_multi_gpu.sh",
+                                    "check_install.sh"])
 def test_scripts_are_executable_bash(script):
     path = ROOT / "scripts" / script
     assert os.access(path, os.X_OK), f"{script} is not executable"

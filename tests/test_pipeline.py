@@ -1,16 +1,18 @@
 """The real `dvc repro` on the tiny profile, in a fresh git + DVC copy of this repository."""
 
+import hashlib
 import json
 import re
 import secrets
+import shlex
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from grpo_gsm8k import smoke
-from grpo_gsm8k.grading import parse_gold
+from grpo_gsm8k import hub, smoke
+from grpo_gsm8k.grading import is_correct, parse_gold
 
 pytestmark = pytest.mark.slow
 STAGES = {"prepare", "train", "evaluate_base", "evaluate", "merge", "report", "push"}
@@ -112,6 +114,57 @@ def test_report_and_push_receipt(ws):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     receipt = json.loads((ws / "reports/push.json").read_text())
     assert receipt["uploaded"] is False  # no hub.repo_id in the tiny profile
+
+
+def test_model_cards_on_disk_are_what_push_would_upload(ws):
+    """The train and merge stages put the project's card (no results yet) in the model folders; the
+    dry-run push leaves each repo's final card, with the model-index, where its receipt says."""
+    from huggingface_hub import ModelCard
+
+    metrics = json.loads((ws / "reports/eval/metrics.json").read_text())
+    receipt = json.loads((ws / "reports/push.json").read_text())
+    for kind, library in (("adapter", "peft"), ("merged", "transformers")):
+        folder_card = ModelCard.load(ws / f"models/{kind}/README.md")
+        assert (folder_card.data.base_model, folder_card.data.library_name) == ("tiny-model", library)
+        assert not folder_card.data.eval_results and "More Information Needed" not in folder_card.text
+        assert f'from_pretrained("models/{kind}"' in folder_card.text
+
+        entry = receipt["repos"][kind]
+        assert entry["files"]["README.md"] == f"reports/hub/{kind}/README.md"
+        assert set(entry["files"]) == {p.name for p in (ws / f"models/{kind}").iterdir()} | {
+            "assets/summary.png"} | ({"training_run.json"} if kind == "merged" else set())
+        card = ModelCard.load(ws / entry["files"]["README.md"])
+        assert (card.data.base_model, card.data.library_name) == ("tiny-model", library)
+        assert [e.metric_value for e in card.data.eval_results] == [
+            metrics["trained"]["accuracy"], metrics["base"]["accuracy"]]
+        on_disk = {rel: hashlib.sha256((ws / src).read_bytes()).hexdigest() for rel, src in entry["files"].items()}
+        assert hub.content_hash(on_disk) == entry["content_hash"]  # these bytes are what would be uploaded
+
+
+def predict(ws: Path, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["make", "predict", f"ARGS={shlex.join(args)}"], cwd=ws, env=smoke.workspace_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_predict_shows_the_evaluated_models_side_by_side(ws):
+    """`make predict` in the smoke workspace: on the evaluated problems it writes exactly the evaluate
+    stages' greedy completions (base: reports/eval_base, trained: reports/eval), gold and verdicts."""
+    out = predict(ws, "--test", "8", "--json").stdout
+    results = json.loads(out[out.index("{"):])["results"]  # after make's echo of the command
+    for label, folder in (("base", "eval_base"), ("trained", "eval")):
+        rows = [json.loads(line) for line in (ws / f"reports/{folder}/predictions.jsonl").open()]
+        assert [r["question"] for r in results] == [row["question"] for row in rows]
+        assert [r["gold"] for r in results] == [row["gold"] for row in rows]
+        assert [r[label]["completion"] for r in results] == [row["completion"] for row in rows]
+        assert [r[label]["correct"] for r in results] == [row["correct"] for row in rows] == [
+            is_correct(r[label]["completion"], r["gold"]) for r in results]
+
+    question = "A pen costs $3. How much do 4 pens cost?"
+    text = predict(ws, "--question", question).stdout
+    assert question in text and "--- base ---" in text and "--- trained ---" in text
+    assert "gold:" not in text and text.count("-> answer:") == 2
 
 
 def test_planted_token_is_in_no_output_log_lock_or_params(ws):

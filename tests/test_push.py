@@ -240,7 +240,11 @@ def test_publishes_both_repos_with_cards_and_a_receipt(workspace, fake_hub):
         remote, entry = fake_hub.repos[repo_id], r["repos"][kind]
         assert remote["private"] is True
         uploaded = sorted(remote["commits"][-1]["files"])
-        assert uploaded == EXPECTED[repo_id] == entry["files"]
+        assert uploaded == EXPECTED[repo_id] == sorted(entry["files"])
+        # the receipt names each uploaded file's local source, holding exactly the bytes the Hub got;
+        # the card among them is the push stage's own output, not a file in the DVC output folder
+        assert entry["files"]["README.md"] == f"reports/hub/{kind}/README.md"
+        assert all(remote["files"][rel] == (ws / src).read_bytes() for rel, src in entry["files"].items())
         assert entry["uploaded"] is True and entry["repo_id"] == repo_id
         assert entry["commit_id"] == remote["sha"] and entry["url"] == f"{fake_hub.url}/{repo_id}"
         # the content hash is sha256 over the sorted manifest of exactly what the Hub received
@@ -367,7 +371,7 @@ def test_only_the_adapter_repo_set_publishes_only_the_adapter(workspace, fake_hu
     r = receipt(workspace)
     assert r["repos"]["adapter"]["uploaded"] is True
     assert r["repos"]["merged"]["uploaded"] is False and "hub.repo_id is null" in r["repos"]["merged"]["reason"]
-    assert r["repos"]["merged"]["files"] == EXPECTED[MERGED_REPO]
+    assert sorted(r["repos"]["merged"]["files"]) == EXPECTED[MERGED_REPO]
 
 
 def test_dry_run_without_repo_ids_says_what_it_would_upload(workspace, fake_hub):
@@ -383,8 +387,15 @@ def test_dry_run_without_repo_ids_says_what_it_would_upload(workspace, fake_hub)
     for kind, repo_id in (("adapter", ADAPTER_REPO), ("merged", MERGED_REPO)):
         e = r["repos"][kind]
         assert e["uploaded"] is False and e["repo_id"] is None and e["commit_id"] is None
-        assert e["files"] == EXPECTED[repo_id]
-        assert "would upload" in proc.stdout and "README.md" in proc.stdout
+        assert sorted(e["files"]) == EXPECTED[repo_id]
+        assert f"(model card: reports/hub/{kind}/README.md)" in proc.stdout
+        # what it would upload is on disk: the files the receipt names hash to its content hash
+        on_disk = {rel: hashlib.sha256((workspace / src).read_bytes()).hexdigest() for rel, src in e["files"].items()}
+        assert hub.content_hash(on_disk) == e["content_hash"]
+        card = ModelCard((workspace / e["files"]["README.md"]).read_text())
+        assert [x.metric_value for x in card.data.eval_results] == [
+            METRICS["trained"]["accuracy"], METRICS["base"]["accuracy"]]
+        assert "PEFT's own card" not in card.text
     assert "hub.repo_id is null" in r["repos"]["merged"]["reason"]
     assert snapshot(workspace / "models") == before
 
