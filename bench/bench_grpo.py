@@ -27,6 +27,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -476,7 +477,8 @@ def cmd_eval(a) -> None:
               "problems_per_s": round(n / secs, 2), "completion_tokens_per_s": round(sum(c.tokens for c in comps) / secs),
               "completion_lengths": [min(c.tokens for c in comps), max(c.tokens for c in comps)],
               "prompt_tokens_mean": round(sum(prompt_tokens) / n, 1), "prompt_tokens_max": max(prompt_tokens),
-              "metrics_sanity": {k: metrics[k] for k in ("problems", "accuracy", "truncation_rate")}, **memory()}
+              "metrics_sanity": {k: metrics[k] for k in ("problems", "accuracy", "truncation_rate")},
+              **(memory() if a.engine == "hf" else {})}  # vLLM's engine runs in its own process
     if n < total:  # whole set: as many batches as it needs, each no slower than these longest ones
         full_batches = math.ceil(total / bs)
         result["full_test_set_seconds_estimate"] = round(secs / batches * full_batches, 1)
@@ -529,58 +531,66 @@ def cmd_report(a) -> None:
     trains = sorted(RESULTS.glob("train_*.json"))
     if trains:
         lines += _table_head("GRPO training throughput (random-weight Qwen2.5-3B stand-in, forced completion lengths)",
-                             ["backend", "config", "prompts x gens / step", "micro-batch x accum", "forced tokens",
-                              "s/step", "completion tok/s", "generate / rewards / train s per step",
+                             ["backend", "generation (policy base)", "config", "prompts x gens / step",
+                              "micro-batch x accum", "forced tokens", "s/step: median (min-max), timed steps",
+                              "completion tok/s", "load + build s", "generate / score / train s per step",
                               "peak alloc / reserved GiB", "floor s/step (gen + train)", "floor tok/s", "gap"])
     for path in trains:
         r = json.loads(path.read_text())
+        engine, precision = r.get("engine", "hf"), r.get("base_precision", "4-bit")  # older results: HF, 4-bit
         bw, fl = r.get("mem_bw"), r.get("matmul_flops")
         for name, e in r["configs"].items():
             b, s, m = e["batch"], e["summary"], e.get("memory", {})
+            head = (f"| {r['backend']} | {engine} ({precision}) | {name} | {b['prompts_per_step']} x "
+                    f"{p.train.num_generations} | {b['per_device_train_batch_size']} x {b['gradient_accumulation_steps']} "
+                    f"| {b['completion_tokens']} ")
             if not s.get("timed_steps"):
-                lines.append(f"| {r['backend']} | {name} | {b['prompts_per_step']} x {p.train.num_generations} "
-                             f"| {b['per_device_train_batch_size']} x {b['gradient_accumulation_steps']} "
-                             f"| {b['completion_tokens']} | no timed step ({e.get('error', 'stopped')[:60]}) "
-                             "| | | | | | |")
+                lines.append(head + f"| no timed step ({e.get('error', 'stopped')[:60]}) |" + " |" * 7)
                 continue
             fl_txt, fl_tok, gap = "n/a", "n/a", "n/a"
             if bw and fl:
                 f = floor_seconds(shape, p.lora.r, p.lora.target_modules, b["completions_per_step"],
                                   r.get("train_prompt_tokens_mean", a.prompt_tokens),
-                                  b["completion_tokens"], bw, fl, 4, True)
+                                  b["completion_tokens"], bw, fl, 4 if precision == "4-bit" else 16, True)
                 fl_txt = f"{f['total_s']:.2f} ({f['generate_s']:.2f} + {f['train_s']:.2f})"
                 fl_tok = f"{b['completions_per_step'] * b['completion_tokens'] / f['total_s']:,.0f}"
                 gap = f"{s['seconds_per_step'] / f['total_s']:.0f}x"
+            timed = sorted(step["seconds"] for step in e["steps"][-s["timed_steps"]:])
             lines.append(
-                f"| {r['backend']} | {name} | {b['prompts_per_step']} x {p.train.num_generations} "
-                f"| {b['per_device_train_batch_size']} x {b['gradient_accumulation_steps']} | {b['completion_tokens']} "
-                f"| {s['seconds_per_step']} (first {s['first_step_seconds']:.0f}; {s['timed_steps']} timed) "
-                f"| **{s['completion_tokens_per_s']:,.0f}** "
+                head + f"| {statistics.median(timed):.1f} ({timed[0]:.1f}-{timed[-1]:.1f}), {s['timed_steps']} "
+                f"(first {s['first_step_seconds']:.0f}) | **{s['completion_tokens_per_s']:,.0f}** "
+                f"| {e.get('load_and_build_s', 'n/a')} "
                 f"| {s['generate_s_per_step']} / {s['rewards_and_bookkeeping_s_per_step']} / {s['train_s_per_step']} "
                 f"| {m.get('peak_allocated_gib', 'n/a')} / {m.get('peak_reserved_gib', 'n/a')} "
                 f"| {fl_txt} | {fl_tok} | {gap} |")
     if trains:
-        r = json.loads(trains[0].read_text())
-        v = r.get("versions", {})
-        lines += ["", f"GPU: {r.get('gpu')}; " + ", ".join(f"{k} {v[k]}" for k in sorted(v)), ""]
+        for path in trains:
+            r = json.loads(path.read_text())
+            v = r.get("versions", {})
+            lines += ["", f"{path.name}: {r.get('gpu')}; " + ", ".join(f"{k} {v[k]}" for k in sorted(v))]
+        lines.append("")
     evals = sorted(RESULTS.glob("eval_*.json"))
     if evals:
-        lines += _table_head("Evaluation timing (HF generate, bf16 stand-in, greedy, forced completion length)",
-                             ["batch size", "problems", "forced tokens", "generate s", "problems/s", "completion tok/s",
-                              "whole test set (1,319) s", "peak alloc GiB", "floor s (same problems)"])
+        lines += _table_head("Evaluation timing (bf16 stand-in, greedy, forced completion length)",
+                             ["engine", "batch size", "problems", "forced tokens", "load s", "generate s", "problems/s",
+                              "completion tok/s", "whole test set (1,319) s", "peak alloc GiB",
+                              "floor s (same problems)"])
         for path in evals:
             r = json.loads(path.read_text())
             floor = "n/a"
             if r.get("mem_bw"):
-                batches = [min(r["batch_size"], r["problems"] - k) for k in range(0, r["problems"], r["batch_size"])]
+                size = r["batch_size"] if isinstance(r["batch_size"], int) else r["problems"]  # vLLM: one call
+                batches = [min(size, r["problems"] - k) for k in range(0, r["problems"], size)]
                 floor = sum(floor_seconds(shape, 0, [], nb, r["prompt_tokens_mean"], r["forced_completion_tokens"],
                                           r["mem_bw"], r["matmul_flops"], 16, False)["generate_s"] for nb in batches)
                 floor = f"{floor:.1f}"
+            peak = "n/a (engine process)" if r.get("engine") == "vllm" else r.get("peak_allocated_gib", "n/a")
             full = r.get("full_test_set_seconds_estimate", r["generate_seconds"])
             est = " (estimate)" if "full_test_set_seconds_estimate" in r else ""
-            lines.append(f"| {r['batch_size']} | {r['problems']} ({r['subset']}) | {r['forced_completion_tokens']} "
-                         f"| {r['generate_seconds']} | {r['problems_per_s']} | {r['completion_tokens_per_s']:,} "
-                         f"| **{full}**{est} | {r.get('peak_allocated_gib', 'n/a')} | {floor} |")
+            lines.append(f"| {r.get('engine', 'hf')} | {r['batch_size']} | {r['problems']} ({r['subset']}) "
+                         f"| {r['forced_completion_tokens']} | {r.get('load_seconds', 'n/a')} | {r['generate_seconds']} "
+                         f"| {r['problems_per_s']} | {r['completion_tokens_per_s']:,} "
+                         f"| **{full}**{est} | {peak} | {floor} |")
         lines.append("")
     merges = sorted(RESULTS.glob("merge*.json"))
     if merges:

@@ -115,18 +115,19 @@ def load_policy(p: Params) -> Policy:
     return Policy(p.model.name, tokenizer, lora_config(p), quantization, {"dtype": p.model.dtype})
 
 
+def unsloth_load_kwargs(p: Params) -> dict:
+    """FastLanguageModel.from_pretrained's arguments. fast_inference starts vLLM inside the model, sharing
+    its (4-bit) weights and applying the LoRA per request: no merge, so the sync is exact."""
+    return dict(model_name=p.model.name, max_seq_length=p.model.max_seq_length, load_in_4bit=p.model.load_in_4bit,
+                dtype=torch_dtype(p.model.dtype),
+                fast_inference=p.generation.use_vllm and p.generation.vllm_mode == "colocate",
+                max_lora_rank=p.lora.r, gpu_memory_utilization=p.generation.vllm_gpu_memory_utilization)
+
+
 def _unsloth_policy(p: Params) -> Policy:
     from unsloth import FastLanguageModel
 
-    model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=p.model.name,
-        max_seq_length=p.model.max_seq_length,
-        load_in_4bit=p.model.load_in_4bit,
-        dtype=torch_dtype(p.model.dtype),
-        fast_inference=p.generation.use_vllm and p.generation.vllm_mode == "colocate",
-        max_lora_rank=p.lora.r,
-        gpu_memory_utilization=p.generation.vllm_gpu_memory_utilization,
-    )
+    model, tokenizer = FastLanguageModel.from_pretrained(**unsloth_load_kwargs(p))
     model = FastLanguageModel.get_peft_model(
         model,
         r=p.lora.r,

@@ -24,7 +24,11 @@ def with_change(dotted: str, value):
 
 def test_defaults_are_the_reference_recipe():
     p = config.load(ROOT / "params.yaml")
-    assert p.model.name == "Qwen/Qwen2.5-3B-Instruct" and p.model.load_in_4bit
+    assert p.model.name == "Qwen/Qwen2.5-3B-Instruct" and p.model.backend == "transformers"
+    # vLLM rollouts on a 16-bit base: the fastest path whose LoRA sync is exact (BENCHMARKS.md)
+    assert p.generation.use_vllm and not p.model.load_in_4bit and p.generation.vllm_mode == "colocate"
+    # correctness dominates, and batch-level scaling keeps format-only groups from outweighing it (LEARNING.md)
+    assert p.train.reward_weights == {"correctness": 1.0, "format": 0.2} and p.train.scale_rewards == "batch"
     assert (p.lora.r, p.lora.alpha) == (64, 64)
     assert set(p.lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     t = p.train
