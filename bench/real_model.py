@@ -137,14 +137,14 @@ def agreement(vllm_rows: list[dict], hf_rows: list[dict]) -> dict:
 
 
 def cmd_run(a) -> None:
+    unknown = {run.split(":")[0] for run in a.runs} - set(RECIPES)
+    if unknown:
+        sys.exit(f"error: unknown recipe(s) {', '.join(sorted(unknown))}; known: {', '.join(RECIPES)}")
     work, out = Path(a.work).resolve(), Path(a.out).resolve()
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     base = yaml.safe_load((ROOT / ("profiles/tiny.yaml" if a.tiny else "params.yaml")).read_text())
     model = Path(a.model).resolve()
-    unknown = {run.split(":")[0] for run in a.runs} - set(RECIPES)
-    if unknown:
-        sys.exit(f"error: unknown recipe(s) {', '.join(sorted(unknown))}; known: {', '.join(RECIPES)}")
     if a.tiny:
         from grpo_gsm8k.tiny import build_tiny
 
@@ -235,6 +235,37 @@ def summarize(work: Path, runs: list[tuple[str, int]], out: Path, model_label: s
     return summary
 
 
+def plot(summary: dict, path: Path) -> None:
+    """Per run: total reward, correctness reward alone, format reward, completion length, and how far the
+    trainer's log-probabilities of vLLM's samples sit from vLLM's own (moving averages over 5 steps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from grpo_gsm8k.learning import _moving_average
+
+    panels = [("reward", "total reward (weighted)"), ("rewards/correctness/mean", "correctness reward (fraction right)"),
+              ("rewards/format/mean", "format reward (batch_scaled runs)"), ("completions/mean_length", "mean completion tokens"),
+              ("sampling/sampling_logp_difference/mean", "|trainer - vLLM| log-prob per token")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
+    for i, r in enumerate(summary["runs"]):
+        t, b = r["trained"], r["base"]
+        label = (f"{r['recipe']} seed {r['seed']}: strict {b['accuracy']:.1%} -> {t['accuracy']:.1%}, "
+                 f"lenient {b['accuracy_lenient']:.1%} -> {t['accuracy_lenient']:.1%}")
+        style = dict(color=f"C{i}", linestyle="-" if r["recipe"] == "batch_scaled" else "--", linewidth=1.3)
+        for ax, (key, title) in zip(axes, panels):
+            points = r["curves"].get(key)
+            if points:
+                ax.plot([step for step, _ in points], _moving_average([v for _, v in points], 5),
+                        label=label if ax is axes[0] else None, **style)
+            ax.set(title=title, xlabel="GRPO step")
+    fig.legend(loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * ((len(summary["runs"]) + 1) // 2) + 0.02, 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -259,7 +290,13 @@ def main() -> None:
     m.add_argument("--runs", nargs="+", required=True)
     m.add_argument("--model-label", required=True)
     m.add_argument("--out", default=str(ROOT / "bench/results/real_model"))
+    g = sub.add_parser("plot", help="the curves of summary.json as a PNG")
+    g.add_argument("--summary", default=str(ROOT / "bench/results/real_model/summary.json"))
+    g.add_argument("--png", default=str(ROOT / "docs/real_model_curves.png"))
     a = ap.parse_args()
+    if a.cmd == "plot":
+        plot(json.loads(Path(a.summary).read_text()), Path(a.png))
+        return
     if a.cmd == "summarize":
         runs = [(recipe, int(seed)) for recipe, seed in (run.split(":") for run in a.runs)]
         Path(a.out).mkdir(parents=True, exist_ok=True)

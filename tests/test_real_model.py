@@ -1,0 +1,62 @@
+"""The real-model GPU experiment's script (bench/real_model.py), dry-run on CPU with the tiny model: it
+drives dvc.yaml's own stage commands and reports exactly what the evaluate stage measured."""
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("real_model")
+    work, out = base / "work", base / "out"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench/real_model.py"), "run", "--tiny", "--model", str(base / "tiny-model"),
+         "--runs", "batch_scaled:7", "--hf-agreement", "--set", "train.max_steps=2",
+         "--work", str(work), "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return work, out, json.loads((out / "summary.json").read_text())
+
+
+def test_summary_holds_the_stages_own_metrics(dry_run):
+    work, out, summary = dry_run
+    [run] = summary["runs"]
+    ws = work / "batch_scaled-s7"
+    eval_metrics = json.loads((ws / "reports/eval/metrics.json").read_text())
+    assert run["base"] == eval_metrics["base"] == json.loads((ws / "reports/eval_base/metrics.json").read_text())
+    assert run["trained"] == eval_metrics["trained"] and run["delta"] == eval_metrics["delta"]
+    assert run["trained"]["problems"] == run["base"]["problems"] > 0
+    # the recipe and the seed reached the training stage, as training_run.json recorded them
+    effective = json.loads((ws / "models/adapter/training_run.json").read_text())
+    assert run["params"] == effective["params"] and run["params"]["train"]["seed"] == 7
+    assert run["params"]["train"]["reward_weights"] == {"correctness": 1.0, "format": 0.2}
+    assert run["effective_grpo_config"]["scale_rewards"] == "batch" and run["effective_grpo_config"]["max_steps"] == 2
+    assert 0 < run["train_minutes"] < 30
+    assert [step for step, _ in run["curves"]["rewards/correctness/mean"]] == [1, 2]
+
+
+def test_predictions_and_engine_agreement_are_kept(dry_run):
+    work, out, summary = dry_run
+    with gzip.open(out / "batch_scaled-s7-eval.jsonl.gz", "rt") as f:
+        rows = [json.loads(line) for line in f]
+    assert len(rows) == summary["runs"][0]["trained"]["problems"]
+    assert rows == [json.loads(line) for line in (work / "batch_scaled-s7/reports/eval/predictions.jsonl").open()]
+    agreement = summary["agreement"]
+    # on CPU both evaluations are HF generate, greedy: the same model must give the same completions
+    assert agreement["evaluate_base_hf"]["engine"] == "transformers"
+    assert agreement["identical_completion"] == 1.0 and agreement["problems"] == rows.__len__()
+
+
+def test_unknown_recipe_is_refused_before_any_work(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/real_model.py"), "run", "--tiny", "--model",
+                           str(tmp_path / "m"), "--runs", "nonsense:0", "--work", str(tmp_path / "w"),
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode != 0 and "unknown recipe(s) nonsense" in proc.stderr
+    assert not (tmp_path / "w").exists() and not (tmp_path / "m").exists()
