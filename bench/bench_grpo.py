@@ -22,7 +22,6 @@ Subcommands (run each backend in its own process: importing unsloth patches TRL 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import math
@@ -60,8 +59,7 @@ def log(msg: str) -> None:
 
 def replace(p: config.Params, **sections) -> config.Params:
     """params with some keys of some sections replaced, validated again."""
-    new = {name: dataclasses.replace(getattr(p, name), **values) for name, values in sections.items()}
-    return config.validate(dataclasses.replace(p, **new))
+    return config.replace(p, **sections)
 
 
 def load_records(path: Path, system_prompt: str, split: str) -> list[dict]:

@@ -41,6 +41,7 @@ def main() -> None:
     base = parser.parse_args().base
     try:
         p = config.load()
+        modeling.check_model(p.model.name)
     except config.UserError as err:
         sys.exit(f"error: {err}")
     out = Path("reports/eval_base" if base else "reports/eval")

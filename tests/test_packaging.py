@@ -337,7 +337,10 @@ def test_entrypoint_makes_dvc_work_without_git(tmp_path, has_dvc_dir):
     (app / "dvc.yaml").write_text("stages:\n  a:\n    cmd: echo hi > out.txt\n    outs: [out.txt]\n")
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "python").symlink_to(sys.executable)
+    # the venv's own python (a symlink to it would leave the venv), as the script reads params.yaml with
+    # the project's loader (grpo_gsm8k.config, ruamel.yaml)
+    (fake / "python").write_text(f"#!/bin/sh\nexec {sys.executable} \"$@\"\n")
+    (fake / "python").chmod(0o755)
     res = _run_entrypoint(tmp_path, "580.95.05", workdir=app)
     assert res.returncode == 0, res.stderr
     config = (app / ".dvc" / ("config.local" if has_dvc_dir else "config")).read_text()
@@ -380,7 +383,10 @@ def _fake_multi_gpu_repo(tmp_path: Path, vllm_mode: str) -> tuple[Path, dict]:
         f"model:\n  name: tiny/model\ngeneration:\n  use_vllm: true\n  vllm_mode: {vllm_mode}\n")
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "python").symlink_to(sys.executable)
+    # the venv's own python (a symlink to it would leave the venv), as the script reads params.yaml with
+    # the project's loader (grpo_gsm8k.config, ruamel.yaml)
+    (fake / "python").write_text(f"#!/bin/sh\nexec {sys.executable} \"$@\"\n")
+    (fake / "python").chmod(0o755)
     scripts = {
         "nvidia-smi": "#!/bin/sh\nfor i in 0 1 2 3; do echo \"GPU $i: H100 (UUID: GPU-$i)\"; done\n",
         "accelerate": "#!/bin/sh\necho \"ACCELERATE $* CVD=$CUDA_VISIBLE_DEVICES\"\n"
