@@ -63,10 +63,7 @@ def log(msg: str) -> None:
 
 def replace(p: config.Params, **sections) -> config.Params:
     """params with some keys of some sections replaced, validated again."""
-    raw = config.as_dict(p)
-    for name, values in sections.items():
-        raw[name] = {**raw[name], **values}
-    return config.parse(raw)
+    return config.replace(p, **sections)
 
 
 def load_records(path: Path, system_prompt: str, split: str) -> list[dict]:

@@ -17,20 +17,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from grpo_gsm8k.config import read_yaml, write_yaml  # noqa: E402  (params read as DVC reads them)
 
 STEPS, SAVE_STEPS, PER_DEVICE, GENERATIONS = 4, 2, 8, 8
 
 
 def setup(model: str, data: str) -> None:
-    params = yaml.safe_load(Path("params.yaml").read_text())
+    params = read_yaml("params.yaml")
     params["data"] |= {"source": "local", "local_dir": data, "train_limit": 256}
     params["model"] |= {"name": model, "backend": "transformers", "load_in_4bit": True}
     params["train"] |= {"max_steps": STEPS, "save_steps": SAVE_STEPS, "per_device_train_batch_size": PER_DEVICE,
                         "gradient_accumulation_steps": 1, "num_generations": GENERATIONS,
                         "max_completion_length": 64}
     params["generation"] |= {"use_vllm": False}
-    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_yaml("params.yaml", params)
     subprocess.run([sys.executable, "stages/prepare.py"], check=True)
 
 

@@ -23,6 +23,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from grpo_gsm8k.config import read_yaml, write_yaml  # noqa: E402  (params read as DVC reads them)
+
 # A few steps of the default recipe at a small batch; the budget of a benchmark, not of a real run.
 OVERRIDES = {
     "data": {"source": "local", "train_limit": 64},
@@ -50,12 +53,12 @@ def main() -> None:
     if ws.exists():
         shutil.rmtree(ws)
     shutil.copytree(ROOT, ws, ignore=SKIP)
-    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params = read_yaml(ws / "params.yaml")
     params["model"]["name"] = str(Path(args.model).resolve())
     params["data"]["local_dir"] = str(Path(args.data).resolve())
     for section, values in OVERRIDES.items():
         params[section].update(values)
-    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_yaml(ws / "params.yaml", params)
     git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
     for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "pipeline_gpu workspace"]):
         subprocess.run(git + cmd, cwd=ws, check=True)

@@ -26,12 +26,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from grpo_gsm8k import smoke  # noqa: E402
+from grpo_gsm8k import config, smoke  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json")
 # Recipes: params overrides on top of params.yaml, shared by every seed. LEARNING.md says why each exists.
@@ -86,7 +85,7 @@ def make_workspace(dest: Path, params: dict) -> Path:
             continue
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, dest / rel)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    config.write_yaml(dest / "params.yaml", params)
     env = smoke.workspace_env()
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "workspace"]):
         subprocess.run(cmd, cwd=dest, env=env, check=True)
@@ -96,7 +95,7 @@ def make_workspace(dest: Path, params: dict) -> Path:
 def run_stage(ws: Path, stage: str, logfile: Path, port: int = 29500) -> float:
     """dvc.yaml's command for the stage, in the workspace; returns wall seconds. `port`: torch.distributed's
     rendezvous port, which TRL's colocated vLLM opens in every training process: one per parallel run."""
-    cmd = yaml.safe_load((ws / "dvc.yaml").read_text())["stages"][stage]["cmd"]
+    cmd = config.read_yaml(ws / "dvc.yaml")["stages"][stage]["cmd"]
     env = smoke.workspace_env()
     env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(ws), env.get("PYTHONPATH")])), PYTHONUNBUFFERED="1",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -143,7 +142,7 @@ def cmd_run(a) -> None:
     work, out = Path(a.work).resolve(), Path(a.out).resolve()
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    base = yaml.safe_load((ROOT / ("profiles/tiny.yaml" if a.tiny else "params.yaml")).read_text())
+    base = config.read_yaml(ROOT / ("profiles/tiny.yaml" if a.tiny else "params.yaml"))
     model = Path(a.model).resolve()
     if a.tiny:
         from grpo_gsm8k.tiny import build_tiny
@@ -154,7 +153,7 @@ def cmd_run(a) -> None:
     else:
         data = Path(a.data).resolve()
     common = {"model.name": str(model), "data.source": "local", "data.local_dir": str(data),
-              **{key: yaml.safe_load(value) for key, value in (kv.split("=", 1) for kv in a.set)}}
+              **{key: config.read_yaml_text(value) for key, value in (kv.split("=", 1) for kv in a.set)}}
     runs = [(recipe, int(seed)) for recipe, seed in (run.split(":") for run in a.runs)]
     spaces = {}
     for recipe, seed in runs:
@@ -171,7 +170,7 @@ def cmd_run(a) -> None:
         return json.loads((first / "reports/eval_base/metrics.json").read_text())
 
     def hf_base_eval():
-        hf = make_workspace(work / "hf-base", params_with(yaml.safe_load((first / "params.yaml").read_text()),
+        hf = make_workspace(work / "hf-base", params_with(config.read_yaml(first / "params.yaml"),
                                                           {"generation.use_vllm": False}))
         run_stage(hf, "prepare", out / "hf-base.log")
         run_stage(hf, "evaluate_base", out / "hf-base.log")

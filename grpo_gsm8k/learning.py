@@ -28,7 +28,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_PARAMS = ROOT / "profiles" / "tiny.yaml"
@@ -97,7 +96,9 @@ def _digit_sum(n: int) -> int:
 
 
 def system_prompt() -> str:
-    return yaml.safe_load(TINY_PARAMS.read_text())["data"]["system_prompt"]
+    from .config import read_yaml
+
+    return read_yaml(TINY_PARAMS)["data"]["system_prompt"]
 
 
 def with_prompts(rows: list[dict]) -> list[dict]:
@@ -206,7 +207,7 @@ def params_for(size: Size, seed: int, model_dir: Path):
     """profiles/tiny.yaml with this experiment's model, LoRA and budget: the project's own Params."""
     from . import config
 
-    raw = yaml.safe_load(TINY_PARAMS.read_text())
+    raw = config.read_yaml(TINY_PARAMS)
     raw["model"].update(name=str(model_dir), backend="transformers", load_in_4bit=False, dtype="float32",
                         gradient_checkpointing=False)
     raw["lora"].update(size.lora)

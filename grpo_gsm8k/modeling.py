@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
 import platform
 from dataclasses import dataclass
+from pathlib import Path
 
 from .config import ConfigError, Params
 
@@ -41,6 +43,78 @@ def check_vllm(p: Params) -> None:
         raise ConfigError("generation.use_vllm: vllm is not installed in this environment; install the pinned one "
                           "(requirements.lock, as in the Docker image) or set generation.use_vllm: false "
                           "(HF generate: several times slower, BENCHMARKS.md)")
+
+
+# train.report_to -> the modules that provide it (any one will do) and what to install
+TRACKERS = {"wandb": (("wandb",), "wandb"), "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"),
+            "trackio": (("trackio",), "trackio")}
+
+
+def check_tracker(p: Params) -> None:
+    """Fail before the model loads when train.report_to names a tracker whose package is missing."""
+    if p.train.report_to == "none":
+        return
+    modules, package = TRACKERS[p.train.report_to]
+    if not any(importlib.util.find_spec(m) for m in modules):
+        raise ConfigError(f"train.report_to: {p.train.report_to} is not installed in this environment; "
+                          f"`pip install {package}` or set train.report_to: none (DVCLive logs the run either way)")
+
+
+def _looks_like_path(name: str) -> bool:
+    if name.startswith(("./", "../", "/", "~")) or name in (".", "..") or Path(name).expanduser().exists():
+        return True
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True  # cannot be a Hub id (e.g. a/b/c): only a folder is left
+    return False
+
+
+def check_model(name: str) -> None:
+    """``model.name`` names a model that can be loaded, checked before anything loads or is written.
+
+    A path (starts with ./ ../ / ~, or exists) must be a folder with config.json. Anything else is a
+    Hub id whose config.json must resolve: from the local cache when HF_HUB_OFFLINE is set (an id
+    already downloaded passes offline), else from the Hub, with HF_TOKEN for gated or private models.
+    Every failure is one ConfigError line naming model.name and the fix.
+    """
+    fix = "point model.name at a folder with config.json or at a Hub id such as Qwen/Qwen2.5-3B-Instruct"
+    if _looks_like_path(name):
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise ConfigError(f"model.name: local folder {name} not found (from {Path.cwd()}); {fix}")
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.name: {name} has no config.json, so it is not a saved model "
+                              f"(save one with save_pretrained); {fix}")
+        return
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+
+    try:
+        hf_hub_download(name, "config.json")
+    except GatedRepoError:
+        raise ConfigError(f"model.name: {name} is gated on the Hub; accept its terms on "
+                          f"{constants.ENDPOINT}/{name} and pass HF_TOKEN in the environment") from None
+    except RepositoryNotFoundError:
+        token = "" if os.environ.get("HF_TOKEN") else " (for a private model pass HF_TOKEN)"
+        raise ConfigError(f"model.name: {name} is not a model on the Hub ({constants.ENDPOINT}) nor a local "
+                          f"folder; check the spelling{token}, or {fix}") from None
+    except (RemoteEntryNotFoundError, RevisionNotFoundError):
+        raise ConfigError(f"model.name: the Hub repo {name} has no config.json on its main branch, so "
+                          f"transformers cannot load it; {fix}") from None
+    except LocalEntryNotFoundError:
+        why = ("the Hub is switched off (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE
+               else f"the Hub ({constants.ENDPOINT}) cannot be reached")
+        raise ConfigError(f"model.name: {name} is not a local folder, {why} and the Hugging Face cache "
+                          f"({constants.HF_HUB_CACHE}) has no copy of it; download it once with network "
+                          f"(`hf download {name}`), or {fix}") from None
+    except (HfHubHTTPError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"model.name: could not resolve {name} on the Hub ({first}); check the network "
+                          f"and HF_TOKEN, or {fix}") from None
 
 
 def import_backend(p: Params) -> None:

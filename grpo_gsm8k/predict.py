@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         p = config.load()
         items = questions(args, p)
         modeling.check_vllm(p)
+        modeling.check_model(p.model.name)
     except config.UserError as err:
         sys.exit(f"error: {err}")
     results = predict(p, items, args.temperature, args.seed)

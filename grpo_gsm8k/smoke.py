@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
+from .config import read_yaml, write_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_PARAMS = ROOT / "profiles" / "tiny.yaml"
@@ -42,11 +42,11 @@ def make_workspace(dest: Path, params_overrides: dict | None = None) -> Path:
             continue
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, dest / rel)
-    params = yaml.safe_load(TINY_PARAMS.read_text())
+    params = read_yaml(TINY_PARAMS)
     for dotted, value in (params_overrides or {}).items():
         section, key = dotted.split(".", 1)
         params[section][key] = value
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_yaml(dest / "params.yaml", params)
     texts = [json.loads(line)["question"] for line in (dest / "tests/fixtures/gsm8k/train.jsonl").open()]
     build_tiny(texts, dest / params["model"]["name"])
     env = workspace_env()

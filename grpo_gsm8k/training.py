@@ -17,7 +17,7 @@ from .rewards import REWARD_FUNCS
 MARKER = "grpo_gsm8k_checkpoint.json"  # written last into a checkpoint folder: it is complete
 FINISHED = "FINISHED.json"  # written into the checkpoints folder when the run completed
 # Knobs that do not change what is trained, so a run may resume across them.
-_RESUMABLE = {"resume", "save_steps", "save_total_limit", "logging_steps"}
+_RESUMABLE = {"save_steps", "save_total_limit", "logging_steps", "report_to"}
 
 
 class TrainingStopped(RuntimeError):
@@ -76,7 +76,7 @@ def grpo_args(p: Params, output_dir: str, cuda: bool, **overrides):
         vllm_mode=p.generation.vllm_mode,
         vllm_gpu_memory_utilization=p.generation.vllm_gpu_memory_utilization,
         vllm_max_model_length=p.model.max_seq_length,  # TRL's default is the model's 32k: KV cache wasted
-        report_to="none",
+        report_to=t.report_to,  # an extra tracker (checked installed up front); DVCLive logs either way
         disable_tqdm=False,
     )
     kwargs.update(overrides)

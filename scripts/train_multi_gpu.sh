@@ -43,8 +43,9 @@ GPUS=("${ALL_GPUS[@]:0:$N}")
 
 param() {  # param KEY.PATH [DEFAULT]: a value from params.yaml, or DEFAULT
     python - "$1" "${2:-}" <<'PY'
-import sys, yaml
-value = yaml.safe_load(open("params.yaml")) or {}
+import sys
+from grpo_gsm8k.config import read_yaml  # params read the way DVC reads them (YAML 1.2)
+value = read_yaml("params.yaml") or {}
 for key in sys.argv[1].split("."):
     value = value.get(key) if isinstance(value, dict) else None
 print(sys.argv[2] if value is None else value)

@@ -33,6 +33,7 @@ def main() -> None:
     try:
         p = config.load()
         modeling.check_vllm(p)
+        modeling.check_model(p.model.name)
     except config.UserError as err:
         sys.exit(f"error: {err}")
     out = Path("reports/eval_base" if base else "reports/eval")

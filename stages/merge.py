@@ -26,6 +26,7 @@ def merge(p: config.Params) -> None:
 def main() -> None:
     try:
         p = config.load()
+        modeling.check_model(p.model.name)
     except config.UserError as err:
         sys.exit(f"error: {err}")
     merge(p)

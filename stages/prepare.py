@@ -6,7 +6,7 @@ import statistics
 import sys
 
 from grpo_gsm8k import config, gsm8k
-from grpo_gsm8k.modeling import load_tokenizer
+from grpo_gsm8k.modeling import check_model, load_tokenizer
 from grpo_gsm8k.outputs import write_json, write_jsonl
 
 OUT = "data/prepared"
@@ -18,6 +18,7 @@ def prepare(p: config.Params) -> dict:
               for s in gsm8k.SPLITS}
     if d.train_limit:
         splits["train"] = splits["train"][: d.train_limit]
+    check_model(p.model.name)
     tokenizer = load_tokenizer(p.model.name)
     stats = {"source": d.hub_id if d.source == "hub" else d.local_dir}
     for split, rows in splits.items():

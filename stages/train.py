@@ -22,6 +22,7 @@ OOM_ADVICE = ("CUDA ran out of memory. Lower train.per_device_train_batch_size (
 
 def train(p: config.Params) -> dict:
     modeling.check_backend(p)
+    modeling.check_tracker(p)
     modeling.import_backend(p)  # unsloth must patch TRL before TRL is imported
     import torch
     from datasets import Dataset
@@ -32,10 +33,11 @@ def train(p: config.Params) -> dict:
     from grpo_gsm8k.outputs import atomic_path, read_jsonl, write_json
 
     training.require_git_commit()
+    modeling.check_model(p.model.name)
     set_seed(p.train.seed)
     dataset = Dataset.from_list(read_jsonl(TRAIN_FILE))
     run_id = training.run_hash(p, TRAIN_FILE)
-    checkpoint = training.resume_checkpoint(CHECKPOINTS, run_id, p.train.resume)
+    checkpoint = training.resume_checkpoint(CHECKPOINTS, run_id, "auto")  # TODO(resume helper): --fresh flag
     print(f"run {run_id}: " + (f"resuming from {checkpoint}" if checkpoint else "starting fresh"), flush=True)
 
     policy = modeling.load_policy(p)

@@ -3,7 +3,6 @@ import os
 from pathlib import Path
 
 import pytest
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "gsm8k"
@@ -27,4 +26,6 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_params():
     """The tiny profile as a dict, to adjust and write where a test needs it."""
-    return yaml.safe_load((ROOT / "profiles" / "tiny.yaml").read_text())
+    from grpo_gsm8k.config import read_yaml
+
+    return read_yaml(ROOT / "profiles" / "tiny.yaml")

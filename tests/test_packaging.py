@@ -296,7 +296,10 @@ def _run_entrypoint(tmp_path: Path, driver: str | None, env_extra: dict | None =
     fake = tmp_path / "bin"
     fake.mkdir(exist_ok=True)
     if not (fake / "python").exists():
-        (fake / "python").symlink_to(sys.executable)
+        # the venv's own python (a symlink to it would leave the venv): the entrypoint reads params with
+        # the project's loader (grpo_gsm8k.config, ruamel.yaml)
+        (fake / "python").write_text(f"#!/bin/sh\nexec {sys.executable} \"$@\"\n")
+        (fake / "python").chmod(0o755)
     smi = fake / "nvidia-smi"
     if driver is None:
         smi.unlink(missing_ok=True)
@@ -459,7 +462,10 @@ def _fake_multi_gpu_repo(tmp_path: Path, vllm_mode: str) -> tuple[Path, dict]:
         f"model:\n  name: tiny/model\ngeneration:\n  use_vllm: true\n  vllm_mode: {vllm_mode}\n")
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "python").symlink_to(sys.executable)
+    # the venv's own python (a symlink to it would leave the venv), as the script reads params.yaml with
+    # the project's loader (grpo_gsm8k.config, ruamel.yaml)
+    (fake / "python").write_text(f"#!/bin/sh\nexec {sys.executable} \"$@\"\n")
+    (fake / "python").chmod(0o755)
     scripts = {
         "nvidia-smi": "#!/bin/sh\nfor i in 0 1 2 3; do echo \"GPU $i: H100 (UUID: GPU-$i)\"; done\n",
         "accelerate": "#!/bin/sh\necho \"ACCELERATE $* CVD=$CUDA_VISIBLE_DEVICES\"\n"

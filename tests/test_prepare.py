@@ -1,20 +1,18 @@
-"""The prepare stage on good and bad GSM8K files: bad rows are named, nothing half-written."""
+"""The prepare stage on good GSM8K files: prompts, stats, duplicated questions counted and kept."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import yaml
+from grpo_gsm8k.config import write_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "gsm8k"
-GOOD = {"question": "Tom has 3 apples and buys 2. How many now?", "answer": "3 + 2 = 5\n#### 5"}
 
 
 def run_prepare(workdir: Path, params: dict) -> subprocess.CompletedProcess:
-    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    write_yaml(workdir / "params.yaml", params)
     return subprocess.run([sys.executable, str(ROOT / "stages" / "prepare.py")], cwd=workdir,
                           capture_output=True, text=True, timeout=300)
 
@@ -42,43 +40,5 @@ def test_prepare_writes_prompts_and_counts_duplicates(tmp_path, tiny_model, tiny
     assert prepared[0]["prompt"][1]["content"] == rows[0]["question"].strip()
 
 
-@pytest.mark.parametrize("bad_line, message", [
-    ("{not json", r"train\.jsonl:2: malformed JSON"),
-    ({"question": "Q?"}, r"train row 2: missing or non-text field\(s\) answer"),
-    ({"question": "   ", "answer": "#### 5"}, r"train row 2: question is empty"),
-    ({"question": "Q?", "answer": "it is 5"}, r"train row 2: answer must contain exactly one '#### ' marker, found 0"),
-    ({"question": "Q?", "answer": "#### 5\n#### 6"}, r"train row 2: answer must contain exactly one '#### '"),
-    ({"question": "Q?", "answer": "#### five"}, r"train row 2: final answer 'five' after '#### ' is not a number"),
-])
-def test_bad_rows_are_named_and_nothing_is_written(tmp_path, tiny_params, bad_line, message):
-    import re
-
-    data = tmp_path / "gsm8k"
-    write_split(data, "train", [GOOD, bad_line])
-    write_split(data, "test", [GOOD])
-    tiny_params["data"]["local_dir"] = str(data)
-    proc = run_prepare(tmp_path, tiny_params)
-    assert proc.returncode != 0
-    assert re.search(message, proc.stderr), proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "data").exists()
-
-
-def test_empty_split_and_missing_file(tmp_path, tiny_params):
-    data = tmp_path / "gsm8k"
-    write_split(data, "train", [GOOD])
-    write_split(data, "test", [])
-    tiny_params["data"]["local_dir"] = str(data)
-    proc = run_prepare(tmp_path, tiny_params)
-    assert "error: test: no rows" in proc.stderr and not (tmp_path / "data").exists()
-    (data / "test.jsonl").unlink()
-    proc = run_prepare(tmp_path, tiny_params)
-    assert "test.jsonl: file not found" in proc.stderr and not (tmp_path / "data").exists()
-
-
-def test_hub_unreachable_offline_says_what_to_do(tmp_path, tiny_params):
-    tiny_params["data"]["source"] = "hub"
-    proc = run_prepare(tmp_path, tiny_params)  # conftest set HF_HUB_OFFLINE=1 for every child process
-    assert proc.returncode != 0
-    assert "could not load openai/gsm8k" in proc.stderr and "data.source: local" in proc.stderr
-    assert "Traceback" not in proc.stderr and not (tmp_path / "data").exists()
+# Bad rows, missing, empty or malformed files and an offline Hub: tests/test_bad_inputs.py runs them
+# through the stage commands with the other bad inputs.

@@ -1,13 +1,13 @@
 """Which settings each backend x generation.use_vllm x model.load_in_4bit combination produces, and the
 combinations refused up front. Nothing here runs vLLM: it needs a GPU (BENCHMARKS.md has the runs)."""
 
+import copy
 import itertools
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from grpo_gsm8k import config, modeling, training
 
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def params(tiny_params, backend: str, use_vllm: bool, four_bit: bool, mode: str = "colocate") -> dict:
-    raw = yaml.safe_load(yaml.safe_dump(tiny_params))
+    raw = copy.deepcopy(tiny_params)
     raw["model"].update(backend=backend, load_in_4bit=four_bit)
     raw["generation"].update(use_vllm=use_vllm, vllm_mode=mode)
     return raw
@@ -93,7 +93,7 @@ def test_use_vllm_without_a_gpu_or_without_vllm_is_refused(tiny_params, monkeypa
 @pytest.mark.parametrize("stage", ["train.py", "evaluate.py"])
 def test_stages_refuse_lossy_sync_before_loading_anything(tiny_params, tmp_path, stage):
     raw = params(tiny_params, "transformers", True, True)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    config.write_yaml(tmp_path / "params.yaml", raw)
     proc = subprocess.run([sys.executable, str(ROOT / "stages" / stage)], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode != 0
     assert proc.stderr.startswith("error: generation.use_vllm: TRL syncs the policy to vLLM"), proc.stderr
