@@ -111,8 +111,9 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self):
-        if self.source == "local" and not self.local_dir:
-            raise _Problem("local_dir", "must name a folder with train.jsonl and test.jsonl when data.source is local")
+        if not self.local_dir:
+            raise _Problem("local_dir", "must name a folder with train.jsonl and test.jsonl, in either data.source "
+                                        "mode: they are DVC deps of prepare (default: tests/fixtures/gsm8k)")
         if "<answer>" not in self.system_prompt:
             raise _Problem("system_prompt", "must ask for the <answer>...</answer> format that the grader reads")
         return self

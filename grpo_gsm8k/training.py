@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from .rewards import REWARD_FUNCS
 
 MARKER = "grpo_gsm8k_checkpoint.json"  # written last into a checkpoint folder: it is complete
 FINISHED = "FINISHED.json"  # written into the checkpoints folder when the run completed
+FRESH_ENV = "GRPO_FRESH"  # =1: discard the checkpoints of an unfinished run (one run; see fresh_requested)
 # Knobs that do not change what is trained, so a run may resume across them.
 _RESUMABLE = {"save_steps", "save_total_limit", "logging_steps", "report_to"}
 
@@ -24,14 +26,14 @@ class TrainingStopped(RuntimeError):
     """Training was stopped on purpose (non-finite loss, useless rewards); the message says why."""
 
 
-def run_hash(p: Params, train_file: Path) -> str:
-    """Identity of a training run: every param that shapes it, and the exact training data."""
+def run_identity(p: Params, train_file: Path) -> dict:
+    """What makes two runs the same run: every param that shapes training and the exact training data.
+    Checkpoint markers store it, so a refused resume can say what differs."""
     params = as_dict(p)
     relevant = {k: params[k] for k in ("data", "model", "lora", "generation")}
     relevant["train"] = {k: v for k, v in params["train"].items() if k not in _RESUMABLE}
-    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode())
-    digest.update(Path(train_file).read_bytes())
-    return digest.hexdigest()[:16]
+    identity = {"params": relevant, "train_data_sha256": hashlib.sha256(Path(train_file).read_bytes()).hexdigest()}
+    return {"run_hash": hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16], **identity}
 
 
 def grpo_args(p: Params, output_dir: str, cuda: bool, **overrides):
@@ -97,7 +99,7 @@ def build_trainer(p: Params, policy, dataset, output_dir: str, callbacks=(), rew
 
     cpu_logprob.install_if_needed()
     args = grpo_args(p, output_dir, cuda_available(), model_init_kwargs=policy.model_init_kwargs, **arg_overrides)
-    return GRPOTrainer(
+    return _resumable(GRPOTrainer)(
         model=policy.model,
         reward_funcs=reward_funcs_override or reward_funcs(p),
         args=args,
@@ -109,6 +111,79 @@ def build_trainer(p: Params, policy, dataset, output_dir: str, callbacks=(), rew
     )
 
 
+def _resumable(trainer_cls):
+    """``trainer_cls`` (TRL's GRPOTrainer, or Unsloth's patched copy of it) resuming exactly: each pass
+    over the data in its own seeded order, and the current save and logging intervals."""
+
+    class ResumableGRPOTrainer(trainer_cls):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.add_callback(_CurrentIntervals)
+
+        def _get_train_sampler(self, dataset=None):
+            return _PassSeededSampler(super()._get_train_sampler(dataset))
+
+    return ResumableGRPOTrainer
+
+
+class _PassSeededSampler:
+    """TRL's RepeatSampler draws the order of every pass from one generator seeded once, so a run resumed
+    in its second pass (a new generator) would replay the first pass's order. The Trainer calls
+    ``set_epoch`` before each pass: reseeding there from the seed and the pass makes the order depend
+    on the pass alone. The first pass keeps TRL's order."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+        if sampler.shuffle:
+            self.generator = sampler.generator  # accelerate keeps it in step across processes
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.sampler.shuffle:
+            self.sampler.generator.manual_seed(self.sampler.seed + epoch)
+
+    def __iter__(self):
+        return iter(self.sampler)
+
+    def __len__(self):
+        return len(self.sampler)
+
+
+class _CurrentIntervals(TrainerCallback):
+    """A resumed Trainer takes save_steps and logging_steps from the checkpoint's trainer_state.json,
+    silently ignoring changed params: apply the current ones."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.compute_steps(args, state.max_steps)
+
+
+def check_enough_rows(rows: int, args) -> None:
+    """TRL's sampler drops a generation batch that is not full, so with fewer training rows than one
+    batch's prompts a run would train 0 steps: refuse before the model loads. ``args``: the GRPOConfig."""
+    need = args.generation_batch_size // args.num_generations
+    if rows < need:
+        raise ConfigError(
+            f"data.train_limit: {rows} training row(s), fewer than the {need} prompts of one optimizer step "
+            f"(train.per_device_train_batch_size {args.per_device_train_batch_size} x gradient_accumulation_steps "
+            f"{args.steps_per_generation} x {args.world_size} process(es) / num_generations {args.num_generations}); "
+            f"set data.train_limit to at least {need} (or null for all rows), or lower that batch")
+
+
+def require_all_steps(done: int, max_steps: int) -> None:
+    if done < max_steps:
+        raise TrainingStopped(f"training ended after {done} of train.max_steps {max_steps} optimizer steps, so no "
+                              f"adapter was written; the checkpoints were kept, rerun to resume")
+
+
+def fresh_requested(flag: bool) -> bool:
+    """Discarding an unfinished run is asked for one run at a time (``--fresh``, or GRPO_FRESH=1 since
+    `dvc repro` passes no arguments), never by a param that would stay and strike after the next crash."""
+    value = os.environ.get(FRESH_ENV, "")
+    if value not in ("", "0", "1"):
+        raise UserError(f"{FRESH_ENV}={value!r}: set {FRESH_ENV}=1 to discard the checkpoints of an unfinished "
+                        f"run, or leave it unset")
+    return flag or value == "1"
+
+
 def _complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path, dict]]:
     found = []
     for path in ckpt_dir.glob("checkpoint-*"):
@@ -118,30 +193,56 @@ def _complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path, dict]]:
     return sorted(found, key=lambda item: item[0])
 
 
-def resume_checkpoint(ckpt_dir: Path, run_id: str, mode: str) -> Path | None:
-    """The newest complete checkpoint of this run, or None to start fresh.
+def resume_checkpoint(ckpt_dir: Path, identity: dict, fresh: bool = False) -> Path | None:
+    """The newest complete checkpoint of this run (``run_identity``), or None to start over.
 
     Checkpoints of a finished run are history, not work to resume: a new run starts over. An
-    unfinished run with other params is refused unless ``train.resume`` is ``fresh``, since
-    discarding it could throw away hours of GPU time.
+    unfinished run with other params or data is refused unless ``fresh``, since discarding it could
+    throw away hours of GPU time.
     """
     if not ckpt_dir.exists():
         return None
-    if mode == "fresh" or (ckpt_dir / FINISHED).exists():
+    if (ckpt_dir / FINISHED).exists():
         shutil.rmtree(ckpt_dir)
         return None
     complete = _complete_checkpoints(ckpt_dir)
-    matching = [path for _, path, info in complete if info.get("run_hash") == run_id]
+    if fresh:
+        newest = f"newest complete checkpoint: step {complete[-1][0]}" if complete else "no complete checkpoint"
+        print(f"warning: starting fresh as asked: deleting {ckpt_dir}/ ({newest})", flush=True)
+        shutil.rmtree(ckpt_dir)
+        return None
+    matching = [path for _, path, info in complete if info.get("run_hash") == identity["run_hash"]]
     if matching:
         return matching[-1]
     if complete:
+        step, _, info = complete[-1]
         raise ConfigError(
-            f"train.resume: {ckpt_dir}/ holds an unfinished run with different params or data "
-            f"(run {complete[-1][2].get('run_hash')}, this one is {run_id}). Restore the params to resume it, "
-            f"or set train.resume: fresh (e.g. `dvc exp run -S train.resume=fresh`) to discard it."
-        )
+            f"{ckpt_dir}/ holds an unfinished run (newest checkpoint: step {step}) that differs from this one in "
+            f"{'; '.join(_differences(info, identity))}. Restore them to resume it, or discard it with "
+            f"`{FRESH_ENV}=1 dvc repro train` (or `python stages/train.py --fresh`).")
     shutil.rmtree(ckpt_dir)  # only incomplete checkpoints: nothing worth keeping
     return None
+
+
+def _differences(marker: dict, identity: dict) -> list[str]:
+    if "params" not in marker:  # a marker written before markers recorded params
+        return [f"params or data (run {marker.get('run_hash')}, this one is {identity['run_hash']})"]
+    old, new = _flat(marker["params"]), _flat(json.loads(json.dumps(identity["params"])))
+    found = [f"{key} ({old.get(key, 'absent')!r} there, {new.get(key, 'absent')!r} now)"
+             for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
+    if marker.get("train_data_sha256") != identity["train_data_sha256"]:
+        found.append("the training data (data/prepared/train.jsonl)")
+    return found or [f"run hash ({marker.get('run_hash')} there, {identity['run_hash']} now)"]
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def mark_finished(ckpt_dir: Path, run_id: str, step: int) -> None:
@@ -152,14 +253,14 @@ def mark_finished(ckpt_dir: Path, run_id: str, step: int) -> None:
 class CheckpointMarker(TrainerCallback):
     """Writes the marker last, after the Trainer saved model, optimizer, scheduler and RNG states."""
 
-    def __init__(self, run_id: str):
-        self.run_id = run_id
+    def __init__(self, identity: dict):
+        self.identity = identity
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if path.is_dir():
-                (path / MARKER).write_text(json.dumps({"run_hash": self.run_id, "step": state.global_step}))
+                (path / MARKER).write_text(json.dumps({**self.identity, "step": state.global_step}))
 
 
 def require_git_commit() -> None:

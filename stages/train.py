@@ -6,6 +6,7 @@ the model card, in place of PEFT's template).
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ OOM_ADVICE = ("CUDA ran out of memory. Lower train.per_device_train_batch_size (
               "train.max_completion_length or generation.vllm_gpu_memory_utilization; then rerun to resume.")
 
 
-def train(p: config.Params) -> dict:
+def train(p: config.Params, fresh: bool = False) -> dict:
     modeling.check_backend(p)
     modeling.check_tracker(p)
     modeling.import_backend(p)  # unsloth must patch TRL before TRL is imported
@@ -36,18 +37,21 @@ def train(p: config.Params) -> dict:
     modeling.check_model(p.model.name)
     set_seed(p.train.seed)
     dataset = Dataset.from_list(read_jsonl(TRAIN_FILE))
-    run_id = training.run_hash(p, TRAIN_FILE)
-    checkpoint = training.resume_checkpoint(CHECKPOINTS, run_id, "auto")  # TODO(resume helper): --fresh flag
+    training.check_enough_rows(len(dataset), training.grpo_args(p, str(CHECKPOINTS), modeling.cuda_available()))
+    identity = training.run_identity(p, TRAIN_FILE)
+    run_id = identity["run_hash"]
+    checkpoint = training.resume_checkpoint(CHECKPOINTS, identity, training.fresh_requested(fresh))
     print(f"run {run_id}: " + (f"resuming from {checkpoint}" if checkpoint else "starting fresh"), flush=True)
 
     policy = modeling.load_policy(p)
     trainer = training.build_trainer(p, policy, dataset, str(CHECKPOINTS), callbacks=[
-        training.CheckpointMarker(run_id),
+        training.CheckpointMarker(identity),
         training.MetricsLogger(LIVE, resume=checkpoint is not None),
         training.Guards(list(p.train.reward_weights)),
     ])
     try:
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        training.require_all_steps(trainer.state.global_step, p.train.max_steps)
     except torch.OutOfMemoryError as err:
         raise SystemExit(f"error: {OOM_ADVICE}") from err
     except training.TrainingStopped as err:
@@ -77,9 +81,13 @@ def train(p: config.Params) -> dict:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--fresh", action="store_true",
+                        help="discard the checkpoints of an unfinished run and start over (under dvc: GRPO_FRESH=1)")
+    args = parser.parse_args()
     try:
         p = config.load()
-        metrics = train(p)
+        metrics = train(p, fresh=args.fresh)
     except config.UserError as err:
         sys.exit(f"error: {err}")
     print(metrics)

@@ -59,7 +59,7 @@ def test_tiny_profile_is_valid():
     ("model.max_seq_length", 256, r"model\.max_seq_length: must exceed train\.max_completion_length \(512\)"),
     ("lora.target_modules", "q_proj", r"lora\.target_modules: expected list"),
     ("lora.target_modules", [], r"lora\.target_modules: list at least one module"),
-    ("data.source", "local", r"data\.local_dir: must name a folder"),
+    ("data.local_dir", None, r"data\.local_dir: must name a folder .* in either data\.source mode"),
     ("data.system_prompt", "Answer briefly.", r"data\.system_prompt: must ask for the <answer>"),
     ("generation.vllm_gpu_memory_utilization", 1.5, r"generation\.vllm_gpu_memory_utilization: must be in \(0, 1\)"),
     ("hub.repo_id", "no-owner", r"hub\.repo_id: 'no-owner' must look like 'owner/name'"),
@@ -131,7 +131,7 @@ def test_misspelled_key_is_named_first_and_other_problems_are_counted():
 
 
 def test_every_error_is_one_line():
-    for raw in (with_change("train.max_steps", "ten"), with_change("data.source", "local"), None, []):
+    for raw in (with_change("train.max_steps", "ten"), with_change("data.local_dir", None), None, []):
         with pytest.raises(config.ConfigError) as err:
             config.parse(raw)
         assert "\n" not in str(err.value) and ": " in str(err.value)

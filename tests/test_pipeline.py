@@ -181,6 +181,51 @@ def test_second_repro_reruns_nothing(ws):
     assert "Data and pipelines are up to date" in dvc(ws, "status")
 
 
+def test_knobs_that_do_not_change_training_rerun_nothing(ws):
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["train"] |= {"save_steps": 3, "save_total_limit": 5, "logging_steps": 2}
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        assert "Data and pipelines are up to date" in dvc(ws, "status")
+    finally:
+        git(ws, "checkout", "--", "params.yaml")
+
+
+def test_editing_the_local_data_in_place_reruns_prepare(ws):
+    data = ws / "tests/fixtures/gsm8k/test.jsonl"
+    data.write_text("".join(data.read_text().splitlines(keepends=True)[:-1]))  # one row fewer, same file
+    try:
+        status = json.loads(dvc(ws, "status", "--json"))
+    finally:
+        git(ws, "checkout", "--", str(data.relative_to(ws)))
+    assert status == {"prepare": [{"changed deps": {"tests/fixtures/gsm8k/test.jsonl": "modified"}}]}
+
+
+def test_unfinished_run_with_other_params_is_refused_then_discarded_when_asked(ws):
+    (ws / "checkpoints/FINISHED.json").unlink()  # as if killed after its last checkpoint
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["train"]["learning_rate"] = 0.002
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        refused = subprocess.run(["dvc", "repro", "train"], cwd=ws, env=smoke.workspace_env(), capture_output=True,
+                                 text=True)
+        assert refused.returncode != 0
+        assert ("error: checkpoints/ holds an unfinished run (newest checkpoint: step 4) that differs from this one "
+                "in train.learning_rate (0.001 there, 0.002 now). Restore them") in refused.stderr, refused.stderr
+        assert (ws / "checkpoints/checkpoint-4").is_dir()
+        fresh = subprocess.run(["dvc", "repro", "train"], cwd=ws, env=dict(smoke.workspace_env(), GRPO_FRESH="1"),
+                               capture_output=True, text=True)
+        assert fresh.returncode == 0, fresh.stderr
+        assert "warning: starting fresh as asked: deleting checkpoints/ (newest complete checkpoint: step 4)" in fresh.stdout
+        assert "starting fresh" in fresh.stdout and "resuming" not in fresh.stdout
+        run = json.loads((ws / "models/adapter/training_run.json").read_text())
+        assert run["params"]["train"]["learning_rate"] == 0.002 and run["resumed_from"] is None
+        assert json.loads((ws / "checkpoints/FINISHED.json").read_text()) == {"run_hash": run["run_hash"], "step": 4}
+    finally:
+        git(ws, "checkout", "--", ".")  # back to the committed run for the tests below
+        dvc(ws, "checkout")
+
+
 def test_changed_train_param_reruns_train_and_what_follows(ws):
     params = yaml.safe_load((ws / "params.yaml").read_text())
     params["train"]["learning_rate"] = 0.002
