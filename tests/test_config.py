@@ -223,7 +223,7 @@ def test_report_to_passes_through_to_grpo_config_and_stays_out_of_the_run_hash(t
     assert args.report_to == ([] if tracker == "none" else [tracker])
     data = tmp_path / "train.jsonl"
     data.write_text("{}\n")
-    assert training.run_hash(p, data) == training.run_hash(config.parse(DEFAULTS), data)  # resume still matches
+    assert training.run_identity(p, data) == training.run_identity(config.parse(DEFAULTS), data)  # resume matches
 
 
 @pytest.mark.parametrize("tracker", ["wandb", "tensorboard", "trackio"])

@@ -51,11 +51,18 @@ def test_the_import_walk_follows_relative_and_function_level_imports():
             "grpo_gsm8k/cpu_logprob.py"} <= transitive_imports(ROOT / "grpo_gsm8k/training.py")
 
 
+# The on-disk card's wording (stages/train.py says why): a new wording must not
+# retrain or re-merge; push, which publishes the cards, depends on it.
+NOT_DEPS = {"train": {"grpo_gsm8k/model_card.py"}, "merge": {"grpo_gsm8k/model_card.py"}}
+
+
 @pytest.mark.parametrize("name", sorted(STAGES))
 def test_each_stage_depends_on_its_script_and_every_package_module_it_imports(name):
     script = STAGES[name]["cmd"].split()[1]
     code_deps = {dep for dep in STAGES[name]["deps"] if dep.startswith(("stages/", f"{PACKAGE}/"))}
-    assert code_deps == {script} | transitive_imports(ROOT / script)
+    imported = transitive_imports(ROOT / script)
+    assert NOT_DEPS.get(name, set()) <= imported  # an exception that no longer applies goes
+    assert code_deps == {script} | imported - NOT_DEPS.get(name, set())
 
 
 def test_train_stage_params_are_every_train_key_that_changes_what_is_trained():
