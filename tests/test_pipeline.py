@@ -142,7 +142,9 @@ def test_model_cards_on_disk_are_what_push_would_upload(ws):
 
 
 def predict(ws: Path, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["make", "predict", f"ARGS={shlex.join(args)}"], cwd=ws, env=smoke.workspace_env(),
+    # --no-print-directory: under CI's own `make test`, a nested make would add "Entering directory" lines
+    proc = subprocess.run(["make", "--no-print-directory", "predict", f"ARGS={shlex.join(args)}"], cwd=ws,
+                          env=smoke.workspace_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return proc
