@@ -68,28 +68,9 @@ def cmd_build(a) -> None:
         f"{time.perf_counter() - start:.0f}s")
 
 
-def params_with(base: dict, overrides: dict) -> dict:
-    raw = json.loads(json.dumps(base))
-    for dotted, value in overrides.items():
-        section, key = dotted.split(".", 1)
-        raw[section][key] = value
-    return raw
-
-
 def make_workspace(dest: Path, params: dict) -> Path:
     """This repository's files and the given params in a git repository with one commit (DVCLive)."""
-    if dest.exists():
-        shutil.rmtree(dest)
-    for rel in smoke.tracked_files(ROOT):
-        if rel.startswith(("bench/results/", "docs/")):
-            continue
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, dest / rel)
-    config.write_yaml(dest / "params.yaml", params)
-    env = smoke.workspace_env()
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "workspace"]):
-        subprocess.run(cmd, cwd=dest, env=env, check=True)
-    return dest
+    return smoke.commit_repo(smoke.copy_project(dest, params, skip=("bench/results/", "docs/")), dvc=False)
 
 
 def run_stage(ws: Path, stage: str, logfile: Path, port: int = 29500) -> float:
@@ -157,7 +138,7 @@ def cmd_run(a) -> None:
     runs = [(recipe, int(seed)) for recipe, seed in (run.split(":") for run in a.runs)]
     spaces = {}
     for recipe, seed in runs:
-        params = params_with(base, {**common, **RECIPES[recipe], "train.seed": seed})
+        params = smoke.params_with(base, {**common, **RECIPES[recipe], "train.seed": seed})
         spaces[recipe, seed] = make_workspace(work / f"{recipe}-s{seed}", params)
     first = spaces[runs[0]]
     logs = {key: out / f"{key[0]}-s{key[1]}.log" for key in runs}
@@ -170,7 +151,7 @@ def cmd_run(a) -> None:
         return json.loads((first / "reports/eval_base/metrics.json").read_text())
 
     def hf_base_eval():
-        hf = make_workspace(work / "hf-base", params_with(config.read_yaml(first / "params.yaml"),
+        hf = make_workspace(work / "hf-base", smoke.params_with(config.read_yaml(first / "params.yaml"),
                                                           {"generation.use_vllm": False}))
         run_stage(hf, "prepare", out / "hf-base.log")
         run_stage(hf, "evaluate_base", out / "hf-base.log")

@@ -25,8 +25,8 @@ def generate(p: Params, adapters: list[str | None], prompts: list[list[dict]], t
              seed: int | None = None) -> list[list[Completion]]:
     """The prompts' completions by the base model with each adapter (None: the base alone), under params'
     model and eval settings: one vLLM engine applying each adapter per request when generation.use_vllm
-    is true (CUDA), transformers with each adapter merged otherwise. Greedy unless temperature > 0."""
-    modeling.check_vllm(p)
+    is true (CUDA; callers check it up front with modeling.check_vllm), transformers with each adapter
+    merged otherwise. Greedy unless temperature > 0."""
     if p.generation.use_vllm:
         lora = any(adapters)
         llm = load_vllm(p.model.name, p.model.max_seq_length, p.generation.vllm_gpu_memory_utilization, p.model.dtype,

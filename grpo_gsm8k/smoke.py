@@ -7,6 +7,7 @@ own workspace and params are never touched. Tests use the same functions.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -30,32 +31,50 @@ def tracked_files(root: Path) -> list[str]:
     return [line for line in out.splitlines() if (root / line).is_file()]
 
 
-def make_workspace(dest: Path, params_overrides: dict | None = None) -> Path:
-    """A git repo with DVC initialised, the project's files, the tiny params and the tiny model."""
-    from .tiny import build_tiny
+def params_with(base: dict, overrides: dict) -> dict:
+    """A copy of params with ``{"section.key": value}`` overrides."""
+    params = copy.deepcopy(base)
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".", 1)
+        params[section][key] = value
+    return params
 
+
+def copy_project(dest: Path, params: dict, skip: tuple[str, ...] = ()) -> Path:
+    """The project's tracked files in a fresh folder, with the given params as params.yaml."""
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     for rel in tracked_files(ROOT):
-        if rel.startswith((".dvc/", "dvc.lock")):
+        if rel.startswith((".dvc/", "dvc.lock", *skip)):
             continue
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, dest / rel)
-    params = read_yaml(TINY_PARAMS)
-    for dotted, value in (params_overrides or {}).items():
-        section, key = dotted.split(".", 1)
-        params[section][key] = value
     write_yaml(dest / "params.yaml", params)
-    texts = [json.loads(line)["question"] for line in (dest / "tests/fixtures/gsm8k/train.jsonl").open()]
-    build_tiny(texts, dest / params["model"]["name"])
+    return dest
+
+
+def commit_repo(dest: Path, dvc: bool) -> Path:
+    """A git repository with one commit (DVCLive logs only in one), DVC initialised if asked."""
     env = workspace_env()
     run(["git", "init", "-q"], dest, env)
-    run(["dvc", "init", "-q"], dest, env)
-    run(["dvc", "config", "core.analytics", "false"], dest, env)
+    if dvc:
+        run(["dvc", "init", "-q"], dest, env)
+        run(["dvc", "config", "core.analytics", "false"], dest, env)
     run(["git", "add", "-A"], dest, env)
     run(["git", "commit", "-qm", "smoke workspace"], dest, env)
     return dest
+
+
+def make_workspace(dest: Path, params_overrides: dict | None = None) -> Path:
+    """A git repo with DVC initialised, the project's files, the tiny params and the tiny model."""
+    from .tiny import build_tiny
+
+    params = params_with(read_yaml(TINY_PARAMS), params_overrides or {})
+    copy_project(dest, params)
+    texts = [json.loads(line)["question"] for line in (dest / "tests/fixtures/gsm8k/train.jsonl").open()]
+    build_tiny(texts, dest / params["model"]["name"])
+    return commit_repo(dest, dvc=True)
 
 
 def workspace_env() -> dict:
