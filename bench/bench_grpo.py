@@ -528,7 +528,7 @@ def cmd_report(a) -> None:
     trains = sorted(RESULTS.glob("train_*.json"))
     if trains:
         lines += _table_head("GRPO training throughput (random-weight Qwen2.5-3B stand-in, forced completion lengths)",
-                             ["backend", "generation (policy base)", "config", "prompts x gens / step",
+                             ["result", "backend", "generation (policy base)", "config", "prompts x gens / step",
                               "micro-batch x accum", "forced tokens", "s/step: median (min-max), timed steps",
                               "completion tok/s", "load + build s", "generate / score / train s per step",
                               "peak alloc / reserved GiB", "floor s/step (gen + train)", "floor tok/s", "gap"])
@@ -538,7 +538,7 @@ def cmd_report(a) -> None:
         bw, fl = r.get("mem_bw"), r.get("matmul_flops")
         for name, e in r["configs"].items():
             b, s, m = e["batch"], e["summary"], e.get("memory", {})
-            head = (f"| {r['backend']} | {engine} ({precision}) | {name} | {b['prompts_per_step']} x "
+            head = (f"| {path.stem.removeprefix('train_')} | {r['backend']} | {engine} ({precision}) | {name} | {b['prompts_per_step']} x "
                     f"{p.train.num_generations} | {b['per_device_train_batch_size']} x {b['gradient_accumulation_steps']} "
                     f"| {b['completion_tokens']} ")
             if not s.get("timed_steps"):

@@ -257,7 +257,7 @@ def main() -> None:
     r.add_argument("--model", required=True, help="transformers folder (built here with --tiny)")
     r.add_argument("--model-label", default=None, help="the model's name in summary.json")
     r.add_argument("--data", default=None, help="folder with GSM8K train.jsonl and test.jsonl")
-    r.add_argument("--runs", nargs="+", default=["correctness:0", "correctness:1"],
+    r.add_argument("--runs", nargs="+", default=["batch_scaled:0", "batch_scaled:1"],
                    help=f"recipe:seed pairs; recipes: {', '.join(RECIPES)}")
     r.add_argument("--set", nargs="*", default=[], help="more params overrides, e.g. train.max_steps=60")
     r.add_argument("--hf-agreement", action="store_true", help="also evaluate the base with HF generate")
