@@ -15,6 +15,9 @@ Subcommands (run each backend in its own process: importing unsloth patches TRL 
                  logits against base(bf16) + adapter unmerged (PeftModel) and base alone.
   eval           evaluation.generate_hf over GSM8K test prompts with forced completion lengths.
   report         BENCHMARKS.md tables from bench/results/*.json, with the physical floor for each.
+  diagnose       issue 15: `train` with the Unsloth backend under a list of settings, one capped process each
+                 (stack dumps, recompiles, compile times; what a stopped one measured is kept), then
+                 summary.json / summary.md; the vLLM attempt takes the fastest attempt's settings.
 
 `--tiny` (build-standin) shrinks the architecture so every subcommand runs on a CPU as a dry run.
 """
@@ -22,14 +25,20 @@ Subcommands (run each backend in its own process: importing unsloth patches TRL 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import gc
 import json
 import math
 import os
+import re
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +58,7 @@ CONFIGS = {
     "p16": {"per_device_train_batch_size": 32, "gradient_accumulation_steps": 4},   # 16 prompts x 8
     "p32": {"per_device_train_batch_size": 32, "gradient_accumulation_steps": 8},   # 32 prompts x 8
     "p64": {"per_device_train_batch_size": 64, "gradient_accumulation_steps": 8},   # 64 prompts x 8
+    "mb8": {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 32},   # 32 prompts x 8, micro-batches of 8
 }
 # How each engine is told to generate exactly L tokens (random weights never stop by themselves): HF
 # generate's GenerationConfig, vLLM's SamplingParams (TRL passes generation_kwargs into either).
@@ -72,9 +82,9 @@ def load_records(path: Path, system_prompt: str, split: str) -> list[dict]:
              "question": r["question"]} for r in rows]
 
 
-def write_result(name: str, data: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def write_result(name: str, data: dict, directory: Path = RESULTS) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
     path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
     return path
 
@@ -165,6 +175,7 @@ def make_timer(deadline: float):
 
         def __init__(self):
             self.steps, self.parts, self.lengths, self.t = [], {}, [], None
+            self.micro = []  # seconds of each micro-batch (training_step); a step's first includes its generation
 
         def on_train_begin(self, args, state, control, **kwargs):
             sync()
@@ -200,6 +211,7 @@ def wrap_timed(trainer, timer, name: str, key: str, lengths: bool = False) -> bo
         out = orig(*args, **kwargs)
         sync()
         timer.parts[key] = timer.parts.get(key, 0.0) + time.perf_counter() - start
+        log(f"{key[:-2]} done in {time.perf_counter() - start:.1f}s")  # before the step ends: a stalled step shows it
         if lengths:
             try:
                 timer.lengths.extend(len(ids) for ids in out[0])
@@ -231,6 +243,81 @@ def summarise(steps: list[dict], warmup: int = 1) -> dict:
             "first_step_seconds": steps[0]["seconds"], "warmup_steps_excluded": warmup}
 
 
+def wrap_micro_batches(trainer, timer) -> None:
+    """Log every micro-batch (Trainer.training_step) as it ends, so a step that never finishes still shows
+    how far it got and how long each piece took."""
+    orig = trainer.training_step
+
+    def timed(*args, **kwargs):
+        sync()
+        start = time.perf_counter()
+        out = orig(*args, **kwargs)
+        sync()
+        timer.micro.append(round(time.perf_counter() - start, 3))
+        log(f"micro-batch {len(timer.micro)} in {timer.micro[-1]:.1f}s")
+        return out
+
+    trainer.training_step = timed
+
+
+def fake_generate(model, tokenizer, length: int) -> None:
+    """Replace ``model.generate`` with the prompt plus ``length`` random non-special tokens, at once. What
+    follows generation (rewards, the policy's loss, backward) runs unchanged, and is then all a step times."""
+    import torch
+
+    special = set(tokenizer.all_special_ids)
+    allowed = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
+    gen = torch.Generator().manual_seed(0)
+
+    def generate(input_ids=None, **kwargs):
+        picks = allowed[torch.randint(len(allowed), (input_ids.shape[0], length), generator=gen)]
+        return torch.cat([input_ids, picks.to(input_ids.device)], dim=1)
+
+    model.generate = generate  # an instance attribute: TRL and Unsloth's generation wrappers call through it
+
+
+def parse_trainer_args(pairs: list[str]) -> dict:
+    """GRPOConfig overrides from KEY=VALUE, each value read as JSON (1, 0.5, true, null) or else kept as text."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--trainer-arg {pair!r}: expected KEY=VALUE, e.g. unsloth_logit_chunk_multiplier=1")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+# Environment that decides how Unsloth compiles: recorded with every train result
+COMPILE_ENV = ("TORCHINDUCTOR_COMPILE_THREADS", "UNSLOTH_FORCE_SINGLE_COMPILE_WORKER", "NVIDIA_VISIBLE_DEVICES",
+               "CUDA_VISIBLE_DEVICES", "UNSLOTH_COMPILE_DISABLE", "TORCH_COMPILE_DISABLE", "UNSLOTH_GRPO_SEQ_PACKING",
+               "UNSLOTH_GRPO_PREFIX_GROUPER", "UNSLOTH_ENABLE_LOGGING")
+
+
+def compile_stats() -> dict:
+    """What torch.compile did in this process: time per compiled function and Dynamo's counters."""
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import compile_times, counters
+
+    return {"compile_times": compile_times(repr="str", aggregate=True),
+            "dynamo_counters": {k: dict(v) for k, v in counters.items() if k in ("stats", "frames", "recompiles")},
+            "inductor_compile_threads": inductor_config.compile_threads,
+            "env": {k: os.environ.get(k) for k in COMPILE_ENV}}
+
+
+def unsloth_gradient_checkpointing(mode: str) -> None:
+    """Make the next FastLanguageModel.get_peft_model use ``mode`` ("unsloth": activations offloaded to CPU,
+    "true": plain recomputation, "false": none) in place of what modeling derives from params."""
+    from unsloth import FastLanguageModel
+
+    value = {"unsloth": "unsloth", "true": True, "false": False}[mode]
+    original = FastLanguageModel.get_peft_model
+    FastLanguageModel.get_peft_model = staticmethod(
+        lambda model, **kwargs: original(model, **{**kwargs, "use_gradient_checkpointing": value}))
+
+
 def perturb_lora_b(model, std: float, seed: int) -> int:
     """Seeded noise on every LoRA B matrix, so a merge visibly changes the logits."""
     import torch
@@ -252,6 +339,9 @@ def cmd_train(a) -> None:
                 generation={"use_vllm": a.vllm, "vllm_mode": "colocate",
                             **({"vllm_gpu_memory_utilization": a.gpu_memory} if a.gpu_memory else {})})
     engine = "vllm" if a.vllm else "hf"
+    if a.fake_generate and a.vllm:
+        raise SystemExit("--fake-generate replaces HF generate; drop --vllm")
+    overrides = parse_trainer_args(a.trainer_arg)
     if a.backend != "unsloth":
         assert "unsloth" not in sys.modules, "the transformers backend must run in a process without unsloth"
     modeling.check_backend(p)
@@ -262,6 +352,14 @@ def cmd_train(a) -> None:
 
     from grpo_gsm8k import training
 
+    results_dir = Path(a.results_dir)
+    out_name = a.out or f"train_{a.backend}_{engine}"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stacks = open(results_dir / f"{out_name}.stacks.txt", "w") if a.stack_every else None  # noqa: SIM115
+    if stacks:  # every thread's Python stack, written even while the main thread is stuck in C
+        faulthandler.dump_traceback_later(a.stack_every, repeat=True, file=stacks)
+    if a.unsloth_gc:
+        unsloth_gradient_checkpointing(a.unsloth_gc)
     deadline_all = time.time() + a.budget_s
     records = load_records(Path(a.data) / "train.jsonl", p.data.system_prompt, "train")
     dataset = Dataset.from_list(records)
@@ -269,8 +367,37 @@ def cmd_train(a) -> None:
     result = {"kind": "train", "backend": a.backend, "engine": engine, "base_precision": "4-bit" if
               p.model.load_in_4bit else p.model.dtype, "model": a.model, **gpu_info(),
               "versions": modeling.package_versions(), "params_base": config.as_dict(p),
-              "train_prompt_tokens_mean": round(sum(sample) / len(sample), 1), "configs": {}}
-    out_name = a.out or f"train_{a.backend}_{engine}"
+              "generation": "random tokens (--fake-generate)" if a.fake_generate else engine,
+              "trainer_overrides": overrides, "train_prompt_tokens_mean": round(sum(sample) / len(sample), 1),
+              "configs": {}}
+    current = {}  # the config being trained, for a SIGTERM to record
+
+    def progress(entry: dict, timer, bc: dict) -> None:
+        entry.update(steps=timer.steps, micro_batch_seconds=timer.micro, summary=summarise(timer.steps, a.warmup),
+                     memory=memory(), compile=compile_stats())
+        if not timer.lengths and not any(s["completion_tokens"] for s in timer.steps):
+            # lengths from TRL's own logs when the wrapper could not see them
+            for s, row in zip(timer.steps, current["trainer"].state.log_history):
+                if "completions/mean_length" in row:
+                    s["completion_tokens"] = round(row["completions/mean_length"] * bc["completions_per_step"])
+            entry["summary"] = summarise(timer.steps, a.warmup)
+
+    def on_sigterm(signum, frame):  # the diagnose driver's wall cap: keep what was measured, then go
+        if stacks:  # where the main thread is now, in the periodic dumps' format
+            stacks.write("Timeout (SIGTERM)!\n")
+            stacks.flush()
+            faulthandler.dump_traceback(file=stacks, all_threads=True)
+        if current:
+            current["entry"]["stopped"] = f"SIGTERM {time.time() - current['t0']:.0f}s into this config"
+            progress(current["entry"], current["timer"], current["bc"])
+            result["configs"][current["name"]] = current["entry"]
+        write_result(out_name, result, results_dir)
+        log(f"SIGTERM: wrote {results_dir / out_name}.json")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(124)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     policy = None
     for i, name in enumerate(a.configs):
         bc = batch_config(p, name, a.completion)
@@ -293,37 +420,39 @@ def cmd_train(a) -> None:
         timer = make_timer(deadline)
         trainer = training.build_trainer(q, policy, dataset, f"/tmp/bench_{a.backend}_{name}", callbacks=[timer],
                                          generation_kwargs={FORCE_KEY[engine]: bc["completion_tokens"]},
-                                         save_strategy="no")
+                                         save_strategy="no", **overrides)
         load_s = time.perf_counter() - t_load
         wrapped = {m: wrap_timed(trainer, timer, m, k, lengths=(k == "generate_s"))
                    for m, k in (("_generate_single_turn", "generate_s"),
                                 ("_generate_and_score_completions", "generate_and_score_s"))}
+        wrap_micro_batches(trainer, timer)
+        if a.fake_generate:
+            fake_generate(trainer.model, trainer.processing_class, bc["completion_tokens"])
         gen_cfg = getattr(trainer, "generation_config", None)
         entry = {"batch": bc, "load_and_build_s": round(load_s, 1), "wrapped": wrapped,
                  "min_new_tokens_in_generation_config": getattr(gen_cfg, "min_new_tokens", None),
                  "max_new_tokens_in_generation_config": getattr(gen_cfg, "max_new_tokens", None),
+                 "unsloth_gradient_checkpointing": getattr(policy.model, "_unsloth_gradient_checkpointing", None),
                  "effective_args": {k: getattr(trainer.args, k, None) for k in (
                      "per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
                      "generation_batch_size", "num_generations", "max_completion_length", "beta", "loss_type",
-                     "gradient_checkpointing", "optim", "bf16", "cache_implementation", "generation_kwargs")}}
+                     "gradient_checkpointing", "optim", "bf16", "cache_implementation", "generation_kwargs",
+                     "use_vllm", "vllm_importance_sampling_correction", "unsloth_num_chunks",
+                     "unsloth_logit_chunk_multiplier", "unsloth_grpo_mini_batch")}}
         log(f"built trainer in {load_s:.1f}s; args {entry['effective_args']}")
+        current.update(name=name, entry=entry, timer=timer, bc=bc, trainer=trainer, t0=time.time())
+        if a.log_recompiles:  # here, after Unsloth's import and load: they set every torch log to CRITICAL
+            torch._logging.set_logs(recompiles=True)
         try:
             trainer.train()
         except torch.OutOfMemoryError as err:
             entry["error"] = f"OOM: {err}"[:500]
             log(entry["error"])
-        entry["steps"] = timer.steps
-        entry["summary"] = summarise(timer.steps, a.warmup)
-        entry["memory"] = memory()
+        progress(entry, timer, bc)
+        current.clear()
         entry["trl_logs"] = [{k: v for k, v in row.items() if k.startswith(("completions/", "step_time", "loss", "sampling/", "entropy",
                                                                           "grad_norm", "reward", "num_tokens"))}
                              for row in trainer.state.log_history]
-        if not timer.lengths and not any(s["completion_tokens"] for s in timer.steps):
-            # lengths from TRL's own logs when the wrapper could not see them
-            for s, row in zip(timer.steps, trainer.state.log_history):
-                if "completions/mean_length" in row:
-                    s["completion_tokens"] = round(row["completions/mean_length"] * bc["completions_per_step"])
-            entry["summary"] = summarise(timer.steps, a.warmup)
         log(f"config {name}: summary {entry['summary']} memory {entry['memory']}")
         result["configs"][name] = entry
         if a.save_adapter and name == a.configs[-1]:
@@ -331,9 +460,10 @@ def cmd_train(a) -> None:
             trainer.model.save_pretrained(a.save_adapter)
             policy.tokenizer.save_pretrained(a.save_adapter)
             result["adapter"] = {"dir": a.save_adapter, "lora_b_perturbed": n, "noise_std": a.noise_std,
-                                 "noise_seed": a.noise_seed, "files": sorted(os.listdir(a.save_adapter))}
+                                 "noise_seed": a.noise_seed, "files": sorted(os.listdir(a.save_adapter)),
+                                 "adapter_config": json.loads(Path(a.save_adapter, "adapter_config.json").read_text())}
             log(f"adapter saved to {a.save_adapter} after perturbing {n} LoRA B matrices")
-        write_result(out_name, result)  # after every config: a later timeout keeps what was measured
+        write_result(out_name, result, results_dir)  # after every config: a later timeout keeps what was measured
         del trainer, timer
         gc.collect()
         if torch.cuda.is_available():
@@ -341,8 +471,223 @@ def cmd_train(a) -> None:
     if a.backend != "unsloth":
         assert "unsloth" not in sys.modules, "unsloth was imported on the transformers path"
         result["unsloth_imported"] = False
-    write_result(out_name, result)
-    log(f"wrote {RESULTS / out_name}.json")
+    write_result(out_name, result, results_dir)
+    log(f"wrote {results_dir / out_name}.json")
+
+
+# ------------------------------------------------------------------------------------------- diagnose
+
+# Issue 15: where Unsloth's GRPO step goes at the defaults' batch (32 prompts x 8, 512 tokens). One process
+# per attempt, since Unsloth reads its switches at import; most telling first (the hypotheses:
+# bench/results/unsloth_sources.md). "--fake-generate" attempts skip generation, which finished in the
+# stalled runs, so their steps time only the part that stalled.
+@dataclass
+class Attempt:
+    why: str
+    env: dict
+    args: list
+    cap_s: float  # wall cap of the process, load included (~35 s: Unsloth's import and a 4-bit load)
+
+
+FAKE = ["--fake-generate"]
+ATTEMPTS = {
+    "as-is": Attempt("Unsloth's defaults: compiled chunked GRPO loss, CPU-offloaded checkpointing, packing",
+                     {}, FAKE, 90),  # ~35 s into training when stopped: the stacks say where it stalls
+    "no-compile": Attempt("UNSLOTH_COMPILE_DISABLE=1: Unsloth's chunked log-softmax eager (its loss's inner "
+                          "accumulate_chunk stays compiled)",
+                          {"UNSLOTH_COMPILE_DISABLE": "1"}, FAKE + ["--steps-big", "2"], 110),
+    "no-torch-compile": Attempt("TORCH_COMPILE_DISABLE=1 as well: nothing compiled at all",
+                                {"UNSLOTH_COMPILE_DISABLE": "1", "TORCH_COMPILE_DISABLE": "1"}, FAKE, 110),
+    "chunks-x1": Attempt("unsloth_logit_chunk_multiplier=1: 32 logit chunks unrolled per micro-batch, not 128",
+                         {}, FAKE + ["--trainer-arg", "unsloth_logit_chunk_multiplier=1"], 130),
+    "micro-8": Attempt("micro-batches of 8 x 32 accumulation: the same 256 completions, 32 chunks each",
+                       {}, FAKE + ["--configs", "mb8"], 150),
+    "gc-plain": Attempt("use_gradient_checkpointing=True: recompute without the CPU offload (compile off)",
+                        {"UNSLOTH_COMPILE_DISABLE": "1"}, FAKE + ["--unsloth-gc", "true"], 110),
+    "no-packing": Attempt("UNSLOTH_GRPO_SEQ_PACKING=0: the padded loop, no packed sequence nor its per-row check",
+                          {"UNSLOTH_GRPO_SEQ_PACKING": "0"}, FAKE, 130),
+    "vllm": Attempt("fast_inference (4-bit, vLLM colocated), real generation, with the fastest attempt's settings",
+                    {}, ["--vllm", "--steps-big", "4", "--save-adapter", "/tmp/adapter_unsloth"], 260),
+    "vllm-bf16": Attempt("the same on a 16-bit base (params.yaml's model.load_in_4bit: false)",
+                         {}, ["--vllm", "--bf16", "--steps-big", "4", "--save-adapter", "/tmp/adapter_unsloth"], 260),
+}
+DEFAULT_ATTEMPTS = ("as-is", "no-compile", "vllm")
+# Not UNSLOTH_ENABLE_LOGGING: it would print packing decisions, but it also skips an early vLLM import
+# (unsloth/models/_utils.py:3360) that sets TORCHINDUCTOR_COMPILE_THREADS, which is under test here.
+COMMON_ENV = {"PYTHONUNBUFFERED": "1"}
+GRACE_S = 20  # after SIGTERM, for an attempt to write what it measured
+MIN_ATTEMPT_S = 60  # with less left, an attempt could not even load: skipped
+# Frames only a compile runs through (Dynamo's entry, Inductor's, Triton's kernel compiler): eager code also
+# passes through torch/_dynamo (the optimizer's disable wrappers) and compiled code through torch/_inductor.
+COMPILING = ("/torch/_dynamo/convert_frame.py", "/torch/_inductor/compile_fx.py", "/triton/compiler/")
+
+
+def main_thread_frames(text: str) -> list[str]:
+    """The main thread's frames, innermost first, in the last faulthandler dump of ``text`` that shows any (one
+    taken as the process exits shows none): the thread that runs this script (its <module> frame), or the
+    deepest one when faulthandler cut a deep stack short."""
+    for dump in reversed(text.split("Timeout (")):
+        threads = []
+        for line in dump.splitlines():
+            if "(most recent call first)" in line:
+                threads.append([])
+            elif line.strip().startswith("File ") and threads and not line.endswith(" in on_sigterm"):
+                threads[-1].append(line.strip())
+        main = next((t for t in threads if any("bench_grpo.py" in f or " in <module>" in f for f in t)),
+                    max(threads, key=len, default=[]))
+        if main:
+            return main
+    return []
+
+
+def compact_frame(frame: str) -> str:
+    """'File "/a/b/c.py", line 7 in f' -> 'b/c.py:7 f'."""
+    path, sep, rest = frame.partition('", line ')
+    if not sep:
+        return frame
+    line, _, func = rest.partition(" in ")
+    tail = "/".join(path.removeprefix('File "').split("/")[-2:])
+    return f"{tail}:{line} {func}"
+
+
+def stack_label(text: str) -> str:
+    """Where the main thread was at the last dump: inside torch.compile or running, and in which Unsloth
+    function (the innermost frame of unsloth or unsloth_zoo, or else the innermost frame)."""
+    frames = main_thread_frames(text)
+    if not frames:
+        return ""
+    # the innermost Unsloth frame that does real work, not one of its compile wrappers (temporary_patches)
+    unsloth = next((f for f in frames if "/unsloth" in f and "/temporary_patches/" not in f), frames[0])
+    compiling = any(part in f for f in frames for part in COMPILING)
+    return ("in torch.compile, under " if compiling else "running ") + compact_frame(unsloth)
+
+
+def attempt_row(row: dict, out: Path, rc, wall: float, timed_out: bool) -> dict:
+    """One attempt's outcome from its result JSON, log and stack dumps (each may be missing)."""
+    name = row["attempt"]
+
+    def read(suffix: str) -> str:
+        path = out / f"{name}{suffix}"
+        return path.read_text(errors="replace") if path.is_file() else ""
+
+    result = json.loads(read(".json") or "null")
+    log_text, stacks = read(".log"), read(".stacks.txt")
+    entry = next(iter(result["configs"].values()), {}) if result and result.get("configs") else {}
+    steps, summary, compiled = entry.get("steps", []), entry.get("summary", {}), entry.get("compile", {})
+    unfinished = timed_out or rc != 0 or not steps  # only then does the last stack dump say where it stuck
+    lines = log_text.splitlines()
+    recompiled, reasons = [], Counter()
+    for i, line in enumerate(lines):
+        if "Recompiling function " in line:
+            recompiled.append(line.split("Recompiling function ", 1)[1].split()[0])
+            why = next((x.split("    - ", 1)[1] for x in lines[i + 1:i + 4] if "    - " in x), "?")
+            reasons[f"{recompiled[-1]}: {re.sub(r'[0-9]+', 'N', why)[:200]}"] += 1  # sizes vary, guards recur
+    row.update(
+        rc=rc, wall_s=wall, timed_out=timed_out, steps_done=len(steps), stalled=not steps,
+        load_and_build_s=entry.get("load_and_build_s"),
+        step_seconds=[s["seconds"] for s in steps], timed_steps=summary.get("timed_steps", 0),
+        seconds_per_step=summary.get("seconds_per_step"),
+        completion_tokens_per_s=summary.get("completion_tokens_per_s"),
+        generate_s_per_step=summary.get("generate_s_per_step"), train_s_per_step=summary.get("train_s_per_step"),
+        micro_batch_seconds=entry.get("micro_batch_seconds", []),
+        peak_allocated_gib=entry.get("memory", {}).get("peak_allocated_gib"),
+        recompiles=len(recompiled), recompile_reasons=reasons.most_common(5),
+        compile_times=compiled.get("compile_times"), inductor_compile_threads=compiled.get("inductor_compile_threads"),
+        compile_env=compiled.get("env"),
+        stopped=entry.get("stopped"), error=entry.get("error"),
+        last_stack=[compact_frame(f) for f in main_thread_frames(stacks)[:14]] if unfinished else [],
+        where=stack_label(stacks) if unfinished else "",
+        adapter=(result or {}).get("adapter"), last_log_lines=lines[-15:])
+    return row
+
+
+def fastest(rows: list[dict]) -> dict | None:
+    """The attempt (vLLM's aside) with the shortest mean step, its first included: a setting that is fast only
+    once compiled must pay for the compile, which the vLLM attempt's budget cannot absorb."""
+    done = [r for r in rows if "--vllm" not in r["args"] and len(r.get("step_seconds", [])) >= 2]
+    return min(done, key=lambda r: sum(r["step_seconds"]) / len(r["step_seconds"]), default=None)
+
+
+def failure(row: dict) -> str:
+    """How an attempt that exited on its own with an error ended: its last log line."""
+    if row["rc"] in (0, None) or row["timed_out"]:
+        return ""
+    last = next((line for line in reversed(row["last_log_lines"]) if line.strip()), "")
+    return f"exit {row['rc']}: {last.strip()[:160]}"
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    head = ["attempt", "what it changes", "steps done", "first step s", "s/step (timed)", "train s/step",
+            "micro-batch s (first 4)", "peak GiB", "recompiles", "wall s", "where the main thread was last"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if r.get("skipped"):
+            lines.append(f"| {r['attempt']} | {r['why']} | skipped: {r['skipped']} |" + " |" * (len(head) - 3))
+            continue
+        first = r["step_seconds"][0] if r["step_seconds"] else None
+        cells = [r["attempt"], r["why"] + (f" (settings of {r['inherited']})" if r.get("inherited") else ""),
+                 f"{r['steps_done']}" + (" (killed at the cap)" if r["timed_out"] else ""), first,
+                 f"{r['seconds_per_step']} x {r['timed_steps']}" if r["seconds_per_step"] else "none",
+                 r["train_s_per_step"], ", ".join(f"{m:.1f}" for m in r["micro_batch_seconds"][:4]),
+                 r["peak_allocated_gib"], r["recompiles"], r["wall_s"], r["where"] or failure(r)]
+        lines.append("| " + " | ".join("" if c is None else str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_capped(cmd: list[str], env: dict, log_path: Path, cap: float,
+               grace: float = GRACE_S) -> tuple[int, float, bool]:
+    """Run ``cmd`` in its own session for at most ``cap`` seconds: SIGTERM to it at cap - grace (it writes what
+    it measured), then SIGKILL to its whole session (vLLM, compile workers). (exit status, seconds, capped)"""
+    start = time.time()
+    capped = False
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        try:
+            proc.wait(timeout=max(1.0, cap - grace))
+        except subprocess.TimeoutExpired:
+            capped = True
+            proc.send_signal(signal.SIGTERM)  # the attempt alone: its compile workers must not die under it first
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of its session holds no GPU memory after this
+        except ProcessLookupError:
+            pass
+        return proc.wait(), round(time.time() - start, 1), capped
+
+
+def cmd_diagnose(a) -> None:
+    out = Path(a.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    deadline = time.time() + a.budget_s
+    rows = []
+    for name in a.attempts:
+        spec = ATTEMPTS[name]
+        row = {"attempt": name, "why": spec.why, "env": dict(spec.env), "args": list(spec.args)}
+        best = fastest(rows) if "--vllm" in spec.args else None
+        if best:  # generation aside, vLLM's steps run the same training path: give it what made that fastest
+            row.update(inherited=best["attempt"], env={**best["env"], **spec.env},
+                       args=[x for x in best["args"] if x != "--fake-generate"] + spec.args)
+        cap = min(spec.cap_s, deadline - time.time())
+        if cap < MIN_ATTEMPT_S:
+            rows.append({**row, "skipped": f"{max(cap, 0):.0f}s of the budget left"})
+        else:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "train", "--backend", a.backend, "--model", a.model,
+                   "--data", a.data, "--configs", "defaults", "--steps-big", str(a.steps), "--warmup", "1",
+                   "--budget-s", str(round(cap - GRACE_S - 15)), "--results-dir", str(out), "--out", name,
+                   "--log-recompiles", "--stack-every", "30",
+                   *(["--completion", str(a.completion)] if a.completion else []), *row["args"]]
+            log(f"attempt {name} (cap {cap:.0f}s): {spec.why}; env {row['env']}")
+            rc, wall, timed_out = run_capped(cmd, {**os.environ, **COMMON_ENV, **row["env"]}, out / f"{name}.log", cap)
+            rows.append(attempt_row(row, out, rc, wall, timed_out))
+            r = rows[-1]
+            log(f"attempt {name}: rc {rc}, {wall}s, steps {r['step_seconds']}, {r['seconds_per_step']} s/step, "
+                f"recompiles {r['recompiles']}, {r['where']}")
+        (out / "summary.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+        (out / "summary.md").write_text(summary_markdown(rows))
+    log(f"wrote {out / 'summary.md'}")
 
 
 # ---------------------------------------------------------------------------------------------- merge
@@ -640,6 +985,25 @@ def main() -> None:
     t.add_argument("--bf16", action="store_true", help="model.load_in_4bit: false (16-bit base)")
     t.add_argument("--gpu-memory", type=float, default=None, help="generation.vllm_gpu_memory_utilization")
     t.add_argument("--out", default=None)
+    t.add_argument("--results-dir", default=str(RESULTS))
+    t.add_argument("--fake-generate", action="store_true",
+                   help="random forced tokens instead of HF generate: a step then times only what follows generation")
+    t.add_argument("--unsloth-gc", choices=("unsloth", "true", "false"), default=None,
+                   help="use_gradient_checkpointing for Unsloth's get_peft_model (default: from params)")
+    t.add_argument("--trainer-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="a GRPOConfig override, e.g. unsloth_logit_chunk_multiplier=1 (repeatable)")
+    t.add_argument("--log-recompiles", action="store_true", help="torch's recompiles log (Unsloth silences it)")
+    t.add_argument("--stack-every", type=float, default=0, help="dump every thread's stack every S seconds")
+    d = sub.add_parser("diagnose", help="issue 15: Unsloth's training path, one process per attempt")
+    d.add_argument("--attempts", nargs="+", default=list(DEFAULT_ATTEMPTS), choices=sorted(ATTEMPTS))
+    d.add_argument("--budget-s", type=float, default=460, help="wall-clock budget for all attempts")
+    d.add_argument("--out-dir", default=str(RESULTS / "unsloth_diag"))
+    d.add_argument("--backend", choices=("unsloth", "transformers"), default="unsloth",
+                   help="transformers: a CPU dry run of the driver (Unsloth needs CUDA)")
+    d.add_argument("--model", default="/tmp/standin")
+    d.add_argument("--data", default=".carry/gsm8k")
+    d.add_argument("--steps", type=int, default=3, help="optimizer steps per attempt (the first is warm-up)")
+    d.add_argument("--completion", type=int, default=None, help="forced completion tokens (default: params)")
     m = sub.add_parser("merge")
     m.add_argument("--model", default="/tmp/standin")
     m.add_argument("--adapter", required=True)
@@ -664,7 +1028,7 @@ def main() -> None:
     if a.cmd == "report" and a.prompt_tokens is None:
         a.prompt_tokens = 160.0
     {"build-standin": cmd_build_standin, "train": cmd_train, "merge": cmd_merge, "eval": cmd_eval,
-     "report": cmd_report}[a.cmd](a)
+     "report": cmd_report, "diagnose": cmd_diagnose}[a.cmd](a)
 
 
 if __name__ == "__main__":

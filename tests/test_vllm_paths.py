@@ -66,6 +66,8 @@ def test_unsloth_loads_vllm_inside_the_model_only_when_colocated(tiny_params, us
     assert kwargs["fast_inference"] is (use_vllm and mode == "colocate")
     assert kwargs["load_in_4bit"] is four_bit and kwargs["max_lora_rank"] == p.lora.r
     assert kwargs["gpu_memory_utilization"] == p.generation.vllm_gpu_memory_utilization
+    # the very model params name (and check_model checked), never Unsloth's pre-quantized copy of it
+    assert kwargs["model_name"] == p.model.name and kwargs["use_exact_model_name"] is True
 
 
 @pytest.mark.parametrize("four_bit", [False, True])
