@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from grpo_gsm8k import config, smoke  # noqa: E402
+from grpo_gsm8k import config, smoke, training  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json")
 # Recipes: params overrides on top of params.yaml, shared by every seed. LEARNING.md says why each exists.
@@ -88,19 +88,6 @@ def run_stage(ws: Path, stage: str, logfile: Path, port: int = 29500) -> float:
     if proc.returncode != 0:
         raise RuntimeError(f"{ws.name}: stage {stage} failed (exit {proc.returncode}); see {logfile}")
     return time.perf_counter() - start
-
-
-def read_curves(ws: Path) -> dict:
-    root = ws / "reports/train/plots/metrics"
-    curves = {}
-    for name in CURVES:
-        tsv = root / f"{name}.tsv"
-        if tsv.is_file():
-            header, *rows = tsv.read_text().splitlines()
-            cols = header.split("\t")
-            curves[name] = [[int(r.split("\t")[cols.index("step")]), float(r.split("\t")[cols.index(name.split("/")[-1])])]
-                            for r in rows]
-    return curves
 
 
 def keep_predictions(src: Path, dest: Path) -> None:
@@ -195,7 +182,7 @@ def summarize(work: Path, runs: list[tuple[str, int]], out: Path, model_label: s
                             "vllm_mode", "temperature", "max_completion_length")},
                         "train_minutes": round(train_metrics["train_runtime"] / 60, 2),
                         "base": metrics["base"], "trained": metrics["trained"], "delta": metrics["delta"],
-                        "curves": read_curves(ws)})
+                        "curves": training.read_curves(ws / "reports/train", CURVES)})
         log(f"{recipe} seed {seed}: {metrics['delta']}")
         keep_predictions(ws / "reports/eval/predictions.jsonl", out / f"{recipe}-s{seed}-eval.jsonl.gz")
     first = work / f"{runs[0][0]}-s{runs[0][1]}"

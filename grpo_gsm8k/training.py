@@ -257,6 +257,12 @@ class CheckpointMarker(TrainerCallback):
         self.identity = identity
 
     def on_save(self, args, state, control, **kwargs):
+        import torch.distributed as dist
+
+        # Every process writes its own RNG state into the checkpoint with no barrier after it (DeepSpeed also
+        # its optimizer shard): rank 0 must not vouch for the folder before the others are done.
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
         if state.is_world_process_zero:
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if path.is_dir():
@@ -308,6 +314,19 @@ class MetricsLogger(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.live is not None:
             self.live.end()
+
+
+def read_curves(live_dir: Path, names) -> dict[str, list[list]]:
+    """The named metrics that MetricsLogger wrote to ``live_dir`` (e.g. ``rewards/format/mean``), each as
+    [[step, value], ...]; names never logged are left out."""
+    curves = {}
+    for name in names:
+        tsv = Path(live_dir) / "plots/metrics" / f"{name}.tsv"
+        if tsv.is_file():
+            header, *rows = (row.split("\t") for row in tsv.read_text().splitlines())
+            step, value = header.index("step"), header.index(name.split("/")[-1])
+            curves[name] = [[int(row[step]), float(row[value])] for row in rows]
+    return curves
 
 
 def _truncate_curves(live_dir: Path, last_step: int) -> None:

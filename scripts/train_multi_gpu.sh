@@ -14,10 +14,10 @@
 #                params.yaml must then say  generation.use_vllm: true  and  generation.vllm_mode:
 #                server  (the script checks and stops if not). Without VLLM_SERVER, vllm_mode must
 #                not be server (use colocate: vLLM inside each training process).
-#   MODEL        model for vllm-serve (default: params.yaml model.name, else Qwen/Qwen2.5-3B-Instruct)
-#   VLLM_PORT    server port (default 8000, TRL's default vllm_server_port)
 #   VLLM_WAIT_S  seconds to wait for the server to become healthy (default 900)
 #   VLLM_LOG     server log file (default build/vllm-serve.log)
+# The server always serves params.yaml's model.name on port 8000: the trainer connects there (TRL's default
+# vllm_server_port) and pushes its weights under that model's parameter names.
 #
 # This runs the stage outside `dvc repro`: afterwards `dvc commit train` records its outputs.
 set -euo pipefail
@@ -65,8 +65,8 @@ if [ "${VLLM_SERVER:-0}" = 1 ]; then
     fi
     SERVER_GPU="${GPUS[$((N - 1))]}"
     TRAIN_GPUS=("${GPUS[@]:0:$((N - 1))}")
-    MODEL="${MODEL:-$(param model.name Qwen/Qwen2.5-3B-Instruct)}"
-    VLLM_PORT="${VLLM_PORT:-8000}"
+    MODEL="$(param model.name)"
+    VLLM_PORT=8000
     VLLM_LOG="${VLLM_LOG:-build/vllm-serve.log}"
     mkdir -p "$(dirname "$VLLM_LOG")"
 
@@ -89,7 +89,7 @@ if [ "${VLLM_SERVER:-0}" = 1 ]; then
 
     deadline=$((SECONDS + ${VLLM_WAIT_S:-900}))
     until python -c "import sys, urllib.request as u; u.urlopen(sys.argv[1], timeout=5)" \
-            "http://127.0.0.1:${VLLM_PORT}/health/" 2>/dev/null; do
+            "http://127.0.0.1:${VLLM_PORT}/health" 2>/dev/null; do
         if ! kill -0 "$SERVER_PID" 2>/dev/null; then
             echo "error: the vLLM server exited; last lines of $VLLM_LOG:" >&2
             tail -n 40 "$VLLM_LOG" >&2; exit 1

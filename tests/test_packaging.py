@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -451,6 +452,28 @@ def test_accelerate_zero2_config():
     assert "num_processes" not in cfg, "the GPU count is set with --num_processes at launch"
 
 
+def test_zero2_leaves_batch_accumulation_and_clipping_to_the_trainer(monkeypatch):
+    """What `accelerate launch --config_file zero2.yaml` hands the training process: DeepSpeed values the
+    Trainer fills from params.yaml ("auto"), never a second copy that could disagree with them."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import DeepSpeedPlugin
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(ROOT / "configs/accelerate/zero2.yaml"),
+                                               "--num_processes", "2", "stages/train.py"])
+    args = _validate_launch_command(args)[0]
+    args.deepspeed_fields_from_accelerate_config = ""
+    for key, value in prepare_deepspeed_cmd_env(args)[1].items():
+        monkeypatch.setenv(key, value)
+    plugin = DeepSpeedPlugin()
+    plugin.set_mixed_precision(os.environ["ACCELERATE_MIXED_PRECISION"])
+    ds = plugin.deepspeed_config
+    assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"] == {"enabled": True}
+    assert "optimizer" not in ds, "the Trainer's own optimizer (train.optim), no DeepSpeed op to build"
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+        assert ds[key] == "auto", key
+
+
 # ---------------------------------------------------------------- multi-GPU launcher
 
 def _fake_multi_gpu_repo(tmp_path: Path, vllm_mode: str) -> tuple[Path, dict]:
@@ -470,7 +493,7 @@ def _fake_multi_gpu_repo(tmp_path: Path, vllm_mode: str) -> tuple[Path, dict]:
         "nvidia-smi": "#!/bin/sh\nfor i in 0 1 2 3; do echo \"GPU $i: H100 (UUID: GPU-$i)\"; done\n",
         "accelerate": "#!/bin/sh\necho \"ACCELERATE $* CVD=$CUDA_VISIBLE_DEVICES\"\n"
                       "python -c 'import urllib.request as u; print(\"SERVER-UP\", "
-                      "u.urlopen(\"http://127.0.0.1:'\"$VLLM_PORT\"'/health/\").status)' || true\n",
+                      "u.urlopen(\"http://127.0.0.1:8000/health\").status)' || true\n",
         "trl": textwrap.dedent(f"""\
             #!{sys.executable}
             import http.server, os, sys, time
@@ -480,7 +503,7 @@ def _fake_multi_gpu_repo(tmp_path: Path, vllm_mode: str) -> tuple[Path, dict]:
             port = int(sys.argv[sys.argv.index("--port") + 1])
             class H(http.server.BaseHTTPRequestHandler):
                 def do_GET(self):
-                    self.send_response(200 if self.path == "/health/" else 404)
+                    self.send_response(200 if self.path == "/health" else 404)
                     self.end_headers()
                 def log_message(self, *a):
                     pass
@@ -504,18 +527,22 @@ def test_train_multi_gpu_ddp_on_all_gpus(tmp_path):
 
 
 def test_train_multi_gpu_with_vllm_server(tmp_path):
+    # The port is TRL's default, where the trainer connects: nothing else may listen there.
+    with socket.socket() as sock:
+        if sock.connect_ex(("127.0.0.1", 8000)) == 0:
+            pytest.skip("port 8000 is in use on this machine")
     repo, env = _fake_multi_gpu_repo(tmp_path, "server")
-    port = str(20000 + os.getpid() % 20000)
     res = subprocess.run(["bash", "scripts/train_multi_gpu.sh"], cwd=repo,
-                         env={**env, "N": "4", "VLLM_SERVER": "1", "VLLM_PORT": port},
+                         env={**env, "N": "4", "VLLM_SERVER": "1", "VLLM_PORT": "8123", "MODEL": "other/model"},
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert (tmp_path / "trl.args").read_text() == f"vllm-serve --model tiny/model --port {port} CVD=3"
+    # params.yaml's model on the trainer's port, whatever the environment says
+    assert (tmp_path / "trl.args").read_text() == "vllm-serve --model tiny/model --port 8000 CVD=3"
     assert "--num_processes 3 stages/train.py CVD=0,1,2" in res.stdout
     assert "SERVER-UP 200" in res.stdout, "training started before the server was healthy"
     # the trap stopped the server: nothing listens on the port any more
     probe = subprocess.run([sys.executable, "-c", f"import urllib.request as u; "
-                            f"u.urlopen('http://127.0.0.1:{port}/health/', timeout=2)"],
+                            f"u.urlopen('http://127.0.0.1:8000/health', timeout=2)"],
                            capture_output=True, timeout=30)
     assert probe.returncode != 0, "the vLLM server outlived the script"
 

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# bench/multi_gpu.py on the 2-GPU machine, one phase per device call (each well under 9 minutes):
+#   bash bench/multi_gpu.sh zero2    # DDP against ZeRO-2, and a ZeRO-2 run killed and resumed
+#   bash bench/multi_gpu.sh vllm     # `trl vllm-serve` on GPU 1 + training on GPU 0, against colocate
+# Carried: .carry/site.tgz and .carry/data (copied to /tmp/carry), .carry/ds (deepspeed and hjson, plus what
+# vLLM's HTTP server needs beyond its offline engine: uvicorn, watchfiles, prometheus-fastapi-instrumentator,
+# model-hosting-container-standards, jmespath, supervisor). For vllm: vLLM's chunks in /tmp/vacc (earlier
+# calls of the same message). A warm machine keeps /tmp, so the second phase skips what the first unpacked.
+set -euo pipefail
+# NVLink multicast can take the shared host's GPUs down: off in this and every child process.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [ ! -d /tmp/carry/data ]; then mkdir -p /tmp/carry && cp -r .carry/site.tgz .carry/data /tmp/carry/; fi
+source bench/device.sh
+if [ ! -d /tmp/dsite/deepspeed ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/dsite .carry/ds/*.whl
+fi
+export PYTHONPATH=$PYTHONPATH:/tmp/dsite
+nvidia-smi -L
+exec python3 bench/multi_gpu.py "$1" --arch /tmp/carry/data/tokenizer --data /tmp/carry/data/gsm8k \
+    --work /tmp/multi_gpu --out "${OUT:-build/multi_gpu}"

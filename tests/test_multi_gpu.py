@@ -1,0 +1,134 @@
+"""The multi-GPU check (bench/multi_gpu.py) dry-run on CPU, the pieces of its summary, and the checkpoint
+marker's wait for every process, with two real CPU processes."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from grpo_gsm8k import training
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+import multi_gpu  # noqa: E402
+
+SCRIPT = ROOT / "bench" / "multi_gpu.py"
+
+
+@pytest.fixture(scope="module")
+def arch(tmp_path_factory) -> Path:
+    """A Qwen2 config.json in place of Qwen2.5-3B's (the GPU run's --arch); --cpu shrinks it anyway."""
+    from transformers import Qwen2Config
+
+    folder = tmp_path_factory.mktemp("arch")
+    Qwen2Config().to_json_file(folder / "config.json")
+    return folder
+
+
+def test_marker_waits_for_every_process_before_vouching_for_the_checkpoint(tmp_path):
+    """Rank 1 is still writing its RNG state when rank 0 gets to on_save: the marker must come after it."""
+    rank_script = tmp_path / "rank.py"
+    rank_script.write_text(textwrap.dedent(f"""\
+        import sys, time
+        from pathlib import Path
+        from types import SimpleNamespace
+        import torch.distributed as dist
+        from grpo_gsm8k import training
+        rank = int(sys.argv[1])
+        dist.init_process_group("gloo", init_method="file://{tmp_path / 'rendezvous'}", rank=rank, world_size=2)
+        folder = Path("{tmp_path}") / "checkpoint-2"
+        folder.mkdir(exist_ok=True)
+        if rank == 1:
+            time.sleep(1.5)  # a slow disk: the Trainer writes each process's RNG state with no barrier after it
+            (folder / "rng_state_1.pth").write_bytes(b"rng")
+        state = SimpleNamespace(global_step=2, is_world_process_zero=rank == 0)
+        training.CheckpointMarker({{"run_hash": "x"}}).on_save(SimpleNamespace(output_dir="{tmp_path}"), state, None)
+        dist.destroy_process_group()
+        """))
+    ranks = [subprocess.Popen([sys.executable, str(rank_script), str(r)], cwd=ROOT) for r in (0, 1)]
+    assert [p.wait(120) for p in ranks] == [0, 0]
+    folder = tmp_path / "checkpoint-2"
+    assert (folder / training.MARKER).stat().st_mtime_ns >= (folder / "rng_state_1.pth").stat().st_mtime_ns
+
+
+def test_step_times_leave_out_the_first_step_of_each_process():
+    step_time = [[1, 9.0], [2, 2.0], [3, 8.0], [4, 3.0], [5, 4.0]]
+    assert multi_gpu.timing(step_time, {1, 3}) == {"timed_steps": [2, 4, 5], "median_s": 3.0, "min_s": 2.0,
+                                                   "max_s": 4.0}
+    assert multi_gpu.timing([[1, 9.0]], {1}) == {"timed_steps": []}
+
+
+def test_a_run_that_finished_before_the_kill_fails_the_resume_check():
+    finished = {"how": "exited", "finished_step": 6, "complete_checkpoints": [4, 6]}
+    summary = {"resumed_from": None}
+    result = multi_gpu.resume_checks(finished, {"rc": 0}, summary)
+    assert result == {"killed_before_the_end": False, "resumed_from_newest_complete_checkpoint": False,
+                      "rerun_succeeded": True}
+    killed = {"how": "killed", "finished_step": None, "complete_checkpoints": [2]}
+    assert not multi_gpu.resume_checks(killed, {"rc": 0}, {"resumed_from": None})[
+        "resumed_from_newest_complete_checkpoint"], "a rerun that started over did not resume"
+    assert all(multi_gpu.resume_checks(killed, {"rc": 0}, {"resumed_from": "checkpoints/checkpoint-2"}).values())
+
+
+def test_sampling_curves_are_read_as_dvclive_writes_them(tmp_path):
+    """TRL's sampling/* metrics through the train stage's own logger, back through the summary."""
+    ws = tmp_path / "ws"
+    logger = training.MetricsLogger(str(ws / "reports/train"), resume=False)
+    state = SimpleNamespace(is_world_process_zero=True, global_step=0)
+    logger.on_train_begin(None, state, None)
+    for step in range(1, multi_gpu.STEPS + 1):
+        state.global_step = step
+        logger.on_log(None, state, None, logs={
+            "reward": 0.1 * step, "step_time": 2.0 + step, "completions/mean_length": 100.0, "grad_norm": 0.5,
+            "sampling/sampling_logp_difference/mean": 0.01 * step, "sampling/importance_sampling_ratio/min": 0.9})
+    logger.on_train_end(None, state, None)
+    summary = multi_gpu.summarize(ws, completions_per_step=32)
+    assert summary["curves"]["sampling/sampling_logp_difference/mean"][2] == [3, 0.03]
+    assert summary["curves"]["sampling/importance_sampling_ratio/min"][0] == [1, 0.9]
+    assert multi_gpu.sampling_checks(summary) == {"sampling_logged_every_step": True}
+    assert summary["speed"]["timed_steps"] == [2, 3, 4, 5, 6]
+    assert summary["speed"]["completion_tokens_per_s_median"] == round(100 * 32 / 6.0, 1)  # step 4: 6 s
+    assert summary["finished_step"] is None and summary["logged_steps"] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (["vllm", "--cpu"], {}, "the vllm phase needs GPUs"),
+    (["zero2"], {"NCCL_NVLS_ENABLE": "1"}, "NVLink multicast must stay off"),
+    (["zero2", "--data", "nowhere"], {}, "nowhere/train.jsonl not found"),
+])
+def test_refusals_before_any_work(tmp_path, arch, argv, env, message):
+    args = [sys.executable, str(SCRIPT), argv[0], "--arch", str(arch), "--data", str(ROOT / "tests/fixtures/gsm8k"),
+            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), *argv[1:]]
+    proc = subprocess.run(args, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **env})
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "work").exists()
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory, arch):
+    base = tmp_path_factory.mktemp("multi_gpu")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "zero2", "--cpu", "--arch", str(arch),
+                           "--data", str(ROOT / "tests/fixtures/gsm8k"), "--work", str(base / "work"),
+                           "--out", str(base / "out")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return base, json.loads((base / "out/multi_gpu.json").read_text())
+
+
+@pytest.mark.slow
+def test_dry_run_trains_kills_resumes_and_reports(dry_run):
+    base, summary = dry_run
+    assert (base / "out/zero2.log").is_file()
+    ddp, zero2 = summary["ddp"], summary["zero2"]
+    assert all(ddp["checks"].values()) and all(zero2["checks"].values()), (ddp["checks"], zero2["checks"])
+    assert zero2["killed_run"]["how"] == "killed" and zero2["killed_run"]["complete_checkpoints"] == [2]
+    assert zero2["resumed_from"] == "checkpoints/checkpoint-2"
+    assert zero2["speed"]["timed_steps"] == [2, 4, 5, 6], "step 1 and the resumed run's first step are warm-up"
+    assert ddp["speed"]["timed_steps"] == [2, 3, 4, 5, 6]
+    assert zero2["checkpoints"] == ["checkpoint-4", "checkpoint-6"]  # save_total_limit 2, after the resume
+    # same seed, same data, same weights: the first step is the same in both runs
+    assert ddp["curves"]["reward"][0] == zero2["curves"]["reward"][0]
+    assert summary["model"]["tiny"] and summary["model"]["vocab_size"] < 1000
