@@ -120,6 +120,10 @@ def check_model(name: str) -> None:
 def import_backend(p: Params) -> None:
     """Import unsloth before trl/transformers/peft when (and only when) it is the backend."""
     if p.model.backend == "unsloth":
+        # Unsloth compiles its chunked GRPO log-softmax with the chunk loop unrolled (128 chunks a 32-row
+        # micro-batch): at 256 completions no step finished in 280-440 s. With this off, micro-batches took
+        # 1.5-2.5 s on an H100 (BENCHMARKS.md, Unsloth section). Read once, at import; a user's own value wins.
+        os.environ.setdefault("UNSLOTH_COMPILE_DISABLE", "1")
         import unsloth  # noqa: F401  (patches TRL's trainers on import)
 
 
@@ -190,8 +194,9 @@ def load_policy(p: Params) -> Policy:
 
 
 def unsloth_load_kwargs(p: Params) -> dict:
-    """FastLanguageModel.from_pretrained's arguments. fast_inference starts vLLM inside the model, sharing
-    its (4-bit) weights and applying the LoRA per request: no merge, so the sync is exact.
+    """FastLanguageModel.from_pretrained's arguments. fast_inference (vLLM inside the model, sharing its
+    weights, the LoRA per request) is what colocated generation would use; validation refuses it for now
+    (config.Params: it crashed or stalled on the H100), so it stays false in any params that load.
     use_exact_model_name: Unsloth would otherwise load its own copy of a Hub id (Qwen/Qwen2.5-3B-Instruct ->
     unsloth/Qwen2.5-3B-Instruct-unsloth-bnb-4bit in 4-bit, unsloth/Qwen2.5-3B-Instruct in 16-bit: its
     models/mapper.py), a repo check_model never checked, missing from an offline cache, and the base the

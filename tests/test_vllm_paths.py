@@ -2,6 +2,9 @@
 combinations refused up front. Nothing here runs vLLM: it needs a GPU (BENCHMARKS.md has the runs)."""
 
 import copy
+import importlib.abc
+import importlib.util
+import os
 import itertools
 import subprocess
 import sys
@@ -21,24 +24,28 @@ def params(tiny_params, backend: str, use_vllm: bool, four_bit: bool, mode: str 
     return raw
 
 
-def lossy(backend: str, use_vllm: bool, four_bit: bool, mode: str) -> bool:
-    """TRL's sync merges the LoRA into the base weights; on 4-bit weights that merge re-quantizes them.
-    Only Unsloth's fast_inference (colocate) shares the 4-bit weights and passes the LoRA per request."""
-    return use_vllm and four_bit and not (backend == "unsloth" and mode == "colocate")
+def refused(backend: str, use_vllm: bool, four_bit: bool, mode: str) -> str | None:
+    """The key a combination is refused under, if it is. Unsloth's fast_inference (colocate) crashed or stalled
+    on the H100; TRL's sync merges the LoRA into the base weights, which on 4-bit weights re-quantizes them."""
+    if backend == "unsloth" and use_vllm and mode == "colocate":
+        return "model.backend"
+    return "generation.use_vllm" if use_vllm and four_bit else None
 
 
 COMBOS = list(itertools.product(("transformers", "unsloth"), (False, True), (False, True), ("colocate", "server")))
 
 
 @pytest.mark.parametrize("backend,use_vllm,four_bit,mode", COMBOS)
-def test_lossy_sync_is_refused_with_the_fix(tiny_params, backend, use_vllm, four_bit, mode):
+def test_refused_combinations_name_the_key_and_the_fix(tiny_params, backend, use_vllm, four_bit, mode):
     raw = params(tiny_params, backend, use_vllm, four_bit, mode)
-    if lossy(backend, use_vllm, four_bit, mode):
+    key = refused(backend, use_vllm, four_bit, mode)
+    if key:
         with pytest.raises(config.ConfigError) as err:
             config.parse(raw)
         message = str(err.value)
-        assert message.startswith("generation.use_vllm:")
-        assert "model.load_in_4bit: false" in message and "generation.use_vllm: false" in message
+        assert message.startswith(f"{key}:")
+        assert "generation.use_vllm: false" in message
+        assert ("model.backend: transformers" if key == "model.backend" else "model.load_in_4bit: false") in message
     else:
         p = config.parse(raw)
         assert (p.model.backend, p.generation.use_vllm, p.model.load_in_4bit) == (backend, use_vllm, four_bit)
@@ -58,12 +65,12 @@ def test_grpo_config_carries_the_generation_settings(tiny_params, tmp_path, use_
     assert args.reward_weights == [p.train.reward_weights[name] for name in p.train.reward_weights]
 
 
-@pytest.mark.parametrize("use_vllm,four_bit,mode", [(False, True, "colocate"), (True, True, "colocate"),
-                                                    (True, False, "colocate"), (True, False, "server")])
-def test_unsloth_loads_vllm_inside_the_model_only_when_colocated(tiny_params, use_vllm, four_bit, mode):
+@pytest.mark.parametrize("use_vllm,four_bit,mode", [(False, True, "colocate"), (False, False, "colocate"),
+                                                    (True, False, "server")])
+def test_unsloth_loader_settings(tiny_params, use_vllm, four_bit, mode):
     p = config.parse(params(tiny_params, "unsloth", use_vllm, four_bit, mode))
     kwargs = modeling.unsloth_load_kwargs(p)
-    assert kwargs["fast_inference"] is (use_vllm and mode == "colocate")
+    assert kwargs["fast_inference"] is False  # colocated fast_inference is refused by validation
     assert kwargs["load_in_4bit"] is four_bit and kwargs["max_lora_rank"] == p.lora.r
     assert kwargs["gpu_memory_utilization"] == p.generation.vllm_gpu_memory_utilization
     # the very model params name (and check_model checked), never Unsloth's pre-quantized copy of it
@@ -101,3 +108,37 @@ def test_stages_refuse_lossy_sync_before_loading_anything(tiny_params, tmp_path,
     assert proc.stderr.startswith("error: generation.use_vllm: TRL syncs the policy to vLLM"), proc.stderr
     assert "Traceback" not in proc.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
+
+
+class _RecordingImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Stands in for the unsloth package (GPU-only): records UNSLOTH_COMPILE_DISABLE as its import sees it."""
+
+    def __init__(self):
+        self.seen = []
+
+    def find_spec(self, name, path, target=None):
+        return importlib.util.spec_from_loader(name, self) if name == "unsloth" else None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        self.seen.append(os.environ.get("UNSLOTH_COMPILE_DISABLE"))
+
+
+@pytest.mark.parametrize("users_value,expected", [(None, "1"), ("0", "0")])
+def test_unsloth_is_imported_with_its_loss_compile_off_unless_the_user_says(tiny_params, monkeypatch,
+                                                                            users_value, expected):
+    recorder = _RecordingImport()
+    monkeypatch.setattr(sys, "meta_path", [recorder, *sys.meta_path])
+    monkeypatch.delenv("UNSLOTH_COMPILE_DISABLE", raising=False)
+    if users_value is not None:
+        monkeypatch.setenv("UNSLOTH_COMPILE_DISABLE", users_value)
+    sys.modules.pop("unsloth", None)
+    try:
+        modeling.import_backend(config.parse(params(tiny_params, "transformers", False, True)))
+        assert recorder.seen == []  # the transformers backend never imports it
+        modeling.import_backend(config.parse(params(tiny_params, "unsloth", False, True)))
+        assert recorder.seen == [expected]
+    finally:
+        sys.modules.pop("unsloth", None)
