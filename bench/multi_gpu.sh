@@ -6,6 +6,11 @@
 # vLLM's HTTP server needs beyond its offline engine: uvicorn, watchfiles, prometheus-fastapi-instrumentator,
 # model-hosting-container-standards, jmespath, supervisor). For vllm: vLLM's chunks in /tmp/vacc (earlier
 # calls of the same message). A warm machine keeps /tmp, so the second phase skips what the first unpacked.
+# .carry/ds is git-ignored; build it here (no GPU needed, DeepSpeed's ops are not used by ZeRO-2 here):
+#   DS_BUILD_OPS=0 pip wheel --no-deps deepspeed==0.19.8 -w .carry/ds
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .carry/ds \
+#     hjson==3.1.0 uvicorn==0.54.0 watchfiles==1.3.0 prometheus-fastapi-instrumentator==8.1.0 \
+#     model-hosting-container-standards==0.1.16 jmespath==1.1.0 supervisor==4.3.0
 set -euo pipefail
 # NVLink multicast can take the shared host's GPUs down: off in this and every child process.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
