@@ -89,7 +89,7 @@ def workspace(work: Path, name: str, overrides: dict, prepared: Path | None) -> 
     """A git workspace with this repository's files and params.yaml + overrides, its data prepared (copied
     from ``prepared``, a workspace with the same data params, when given: prepare reads only those)."""
     params = smoke.params_with(config.read_yaml(ROOT / "params.yaml"), overrides)
-    ws = smoke.commit_repo(smoke.copy_project(work / name, params, skip=("bench/results/", "docs/")), dvc=False)
+    ws = smoke.bench_workspace(work / name, params)
     if prepared:
         shutil.copytree(prepared / "data/prepared", ws / "data/prepared")
     else:
@@ -148,6 +148,7 @@ def train_cmd(cpu: bool, gpus: int) -> list[str]:
 
 
 def complete_checkpoint(ws: Path, step: int):
+    # the marker's existence only, not training.complete_checkpoints: polled while a rank may be writing it
     return lambda: any(int(m.parent.name.split("-")[1]) >= step
                        for m in (ws / "checkpoints").glob(f"checkpoint-*/{training.MARKER}"))
 
@@ -188,8 +189,7 @@ def summarize(ws: Path, completions_per_step: int, resumed_at: int | None = None
         "logged_steps": [step for step, _ in curves.get("reward", [])],
         "checkpoints": sorted((p.name for p in (ws / "checkpoints").glob("checkpoint-*")),
                               key=lambda name: int(name.split("-")[1])),
-        "complete_checkpoints": sorted(int(m.parent.name.split("-")[1])
-                                       for m in (ws / "checkpoints").glob(f"checkpoint-*/{training.MARKER}")),
+        "complete_checkpoints": [step for step, _, _ in training.complete_checkpoints(ws / "checkpoints")],
         "adapter_files": sorted(p.name for p in (ws / "models/adapter").iterdir()) if run else [],
         "stray_outputs": sorted(str(p.relative_to(ws)) for p in ws.glob("**/.*.tmp")),
         "completions_per_step": completions_per_step,

@@ -68,11 +68,6 @@ def cmd_build(a) -> None:
         f"{time.perf_counter() - start:.0f}s")
 
 
-def make_workspace(dest: Path, params: dict) -> Path:
-    """This repository's files and the given params in a git repository with one commit (DVCLive)."""
-    return smoke.commit_repo(smoke.copy_project(dest, params, skip=("bench/results/", "docs/")), dvc=False)
-
-
 def run_stage(ws: Path, stage: str, logfile: Path, port: int = 29500) -> float:
     """dvc.yaml's command for the stage, in the workspace; returns wall seconds. `port`: torch.distributed's
     rendezvous port, which TRL's colocated vLLM opens in every training process: one per parallel run."""
@@ -126,7 +121,7 @@ def cmd_run(a) -> None:
     spaces = {}
     for recipe, seed in runs:
         params = smoke.params_with(base, {**common, **RECIPES[recipe], "train.seed": seed})
-        spaces[recipe, seed] = make_workspace(work / f"{recipe}-s{seed}", params)
+        spaces[recipe, seed] = smoke.bench_workspace(work / f"{recipe}-s{seed}", params)
     first = spaces[runs[0]]
     logs = {key: out / f"{key[0]}-s{key[1]}.log" for key in runs}
     for key, ws in spaces.items():
@@ -138,7 +133,7 @@ def cmd_run(a) -> None:
         return json.loads((first / "reports/eval_base/metrics.json").read_text())
 
     def hf_base_eval():
-        hf = make_workspace(work / "hf-base", smoke.params_with(config.read_yaml(first / "params.yaml"),
+        hf = smoke.bench_workspace(work / "hf-base", smoke.params_with(config.read_yaml(first / "params.yaml"),
                                                           {"generation.use_vllm": False}))
         run_stage(hf, "prepare", out / "hf-base.log")
         run_stage(hf, "evaluate_base", out / "hf-base.log")

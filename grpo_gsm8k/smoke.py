@@ -66,6 +66,12 @@ def commit_repo(dest: Path, dvc: bool) -> Path:
     return dest
 
 
+def bench_workspace(dest: Path, params: dict) -> Path:
+    """A git repository with this project's files (not its benchmark results or docs) and the given params,
+    for a GPU benchmark that runs the stages (bench/real_model.py, bench/multi_gpu.py)."""
+    return commit_repo(copy_project(dest, params, skip=("bench/results/", "docs/")), dvc=False)
+
+
 def make_workspace(dest: Path, params_overrides: dict | None = None) -> Path:
     """A git repo with DVC initialised, the project's files, the tiny params and the tiny model."""
     from .tiny import build_tiny

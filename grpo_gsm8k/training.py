@@ -184,7 +184,8 @@ def fresh_requested(flag: bool) -> bool:
     return flag or value == "1"
 
 
-def _complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path, dict]]:
+def complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path, dict]]:
+    """(step, folder, marker) of every checkpoint whose marker says it is complete, oldest first."""
     found = []
     for path in ckpt_dir.glob("checkpoint-*"):
         marker = path / MARKER
@@ -205,7 +206,7 @@ def resume_checkpoint(ckpt_dir: Path, identity: dict, fresh: bool = False) -> Pa
     if (ckpt_dir / FINISHED).exists():
         shutil.rmtree(ckpt_dir)
         return None
-    complete = _complete_checkpoints(ckpt_dir)
+    complete = complete_checkpoints(ckpt_dir)
     if fresh:
         newest = f"newest complete checkpoint: step {complete[-1][0]}" if complete else "no complete checkpoint"
         print(f"warning: starting fresh as asked: deleting {ckpt_dir}/ ({newest})", flush=True)
