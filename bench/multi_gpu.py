@@ -111,13 +111,31 @@ class Leg:
         self.proc = subprocess.Popen(cmd, cwd=ws, env={**smoke.workspace_env(), **(env or {})}, stdout=self.out,
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
+    def kill_tree(self) -> None:
+        """SIGKILL to the launcher and every process under it, as a crash of the machine would: torchrun starts
+        each rank in a session of its own, so killing the launcher's group left both ranks training to the
+        end on 2 GPUs."""
+        import psutil
+
+        try:
+            tree = psutil.Process(self.proc.pid)
+            procs = [tree, *tree.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        for proc in procs:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=30)
+
     def wait(self, timeout_s: float, until=None) -> dict:
         """Wait for the exit, or for ``until()`` to hold (then SIGKILL it, as a crash would), or time out (then
         SIGTERM, SIGKILL 30 s later)."""
         deadline, how = time.perf_counter() + timeout_s, "exited"
         while self.proc.poll() is None:
             if until is not None and until():
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.kill_tree()
                 how = "killed"
                 break
             if time.perf_counter() > deadline:
@@ -125,7 +143,7 @@ class Leg:
                 try:
                     self.proc.wait(30)
                 except subprocess.TimeoutExpired:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
+                    self.kill_tree()
                 how = "timed out"
                 break
             time.sleep(0.05)

@@ -20,7 +20,8 @@ source bench/device.sh
 if [ ! -d /tmp/dsite/deepspeed ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/dsite .carry/ds/*.whl
 fi
-export PYTHONPATH=$PYTHONPATH:/tmp/dsite
+# The stages import grpo_gsm8k, which this machine has not installed: from this checkout.
+export PYTHONPATH=$PWD:$PYTHONPATH:/tmp/dsite
 nvidia-smi -L
 exec python3 bench/multi_gpu.py "$1" --arch /tmp/carry/data/tokenizer --data /tmp/carry/data/gsm8k \
     --work /tmp/multi_gpu --out "${OUT:-build/multi_gpu}"

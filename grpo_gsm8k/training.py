@@ -199,30 +199,57 @@ def resume_checkpoint(ckpt_dir: Path, identity: dict, fresh: bool = False) -> Pa
 
     Checkpoints of a finished run are history, not work to resume: a new run starts over. An
     unfinished run with other params or data is refused unless ``fresh``, since discarding it could
-    throw away hours of GPU time.
+    throw away hours of GPU time. Under several processes (process group initialized) every one decides
+    from the same files, then rank 0 alone deletes them.
     """
+    checkpoint, discard = _resume_decision(ckpt_dir, identity, fresh)
+    if discard:
+        _on_rank_zero_after_everyone_decided(lambda: shutil.rmtree(ckpt_dir))
+    return checkpoint
+
+
+def _resume_decision(ckpt_dir: Path, identity: dict, fresh: bool) -> tuple[Path | None, bool]:
+    """(checkpoint to resume or None, whether ckpt_dir is to be deleted); reads, changes nothing."""
     if not ckpt_dir.exists():
-        return None
+        return None, False
     if (ckpt_dir / FINISHED).exists():
-        shutil.rmtree(ckpt_dir)
-        return None
+        return None, True
     complete = complete_checkpoints(ckpt_dir)
     if fresh:
         newest = f"newest complete checkpoint: step {complete[-1][0]}" if complete else "no complete checkpoint"
-        print(f"warning: starting fresh as asked: deleting {ckpt_dir}/ ({newest})", flush=True)
-        shutil.rmtree(ckpt_dir)
-        return None
+        if _rank() == 0:
+            print(f"warning: starting fresh as asked: deleting {ckpt_dir}/ ({newest})", flush=True)
+        return None, True
     matching = [path for _, path, info in complete if info.get("run_hash") == identity["run_hash"]]
     if matching:
-        return matching[-1]
+        return matching[-1], False
     if complete:
         step, _, info = complete[-1]
         raise ConfigError(
             f"{ckpt_dir}/ holds an unfinished run (newest checkpoint: step {step}) that differs from this one in "
             f"{'; '.join(_differences(info, identity))}. Restore them to resume it, or discard it with "
             f"`{FRESH_ENV}=1 dvc repro train` (or `python stages/train.py --fresh`).")
-    shutil.rmtree(ckpt_dir)  # only incomplete checkpoints: nothing worth keeping
-    return None
+    return None, True  # only incomplete checkpoints: nothing worth keeping
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _on_rank_zero_after_everyone_decided(action) -> None:
+    """``action`` once, by rank 0, after every process got here and before any goes on (on 2 GPUs, both
+    ranks deleting the same folder crashed the one that came second)."""
+    import torch.distributed as dist
+
+    several = dist.is_available() and dist.is_initialized()
+    if several:
+        dist.barrier()
+    if _rank() == 0:
+        action()
+    if several:
+        dist.barrier()
 
 
 def _differences(marker: dict, identity: dict) -> list[str]:

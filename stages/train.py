@@ -26,6 +26,7 @@ def train(p: config.Params, fresh: bool = False) -> dict:
     modeling.check_tracker(p)
     modeling.import_backend(p)  # unsloth must patch TRL before TRL is imported
     import torch
+    from accelerate import PartialState
     from datasets import Dataset
     from transformers import set_seed
 
@@ -39,6 +40,9 @@ def train(p: config.Params, fresh: bool = False) -> dict:
     dataset = Dataset.from_list(read_jsonl(TRAIN_FILE))
     training.check_enough_rows(len(dataset), training.grpo_args(p, str(CHECKPOINTS), modeling.cuda_available()))
     identity = training.run_identity(p, TRAIN_FILE)
+    # Under `accelerate launch`, join the process group now (the trainer would later), so that the ranks
+    # agree on the checkpoints before rank 0 deletes any.
+    PartialState()
     run_id = identity["run_hash"]
     checkpoint = training.resume_checkpoint(CHECKPOINTS, identity, training.fresh_requested(fresh))
     print(f"run {run_id}: " + (f"resuming from {checkpoint}" if checkpoint else "starting fresh"), flush=True)

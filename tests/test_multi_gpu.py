@@ -55,6 +55,64 @@ def test_marker_waits_for_every_process_before_vouching_for_the_checkpoint(tmp_p
     assert (folder / training.MARKER).stat().st_mtime_ns >= (folder / "rng_state_1.pth").stat().st_mtime_ns
 
 
+def test_only_rank_zero_deletes_old_checkpoints_and_only_after_every_rank_decided(tmp_path):
+    """A rerun under 2 processes finds a finished run's checkpoints: both must start over, one deletes them,
+    and not before the slower one has read them (on 2 GPUs both deleted, and the second crashed)."""
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "checkpoint-2").mkdir(parents=True)
+    (ckpts / "checkpoint-2" / training.MARKER).write_text(json.dumps({"run_hash": "x", "step": 2}))
+    training.mark_finished(ckpts, "x", 2)
+    rank_script = tmp_path / "rank.py"
+    rank_script.write_text(textwrap.dedent(f"""\
+        import json, shutil, sys, time
+        from pathlib import Path
+        import torch.distributed as dist
+        from grpo_gsm8k import training
+        rank = int(sys.argv[1])
+        dist.init_process_group("gloo", init_method="file://{tmp_path / 'rendezvous'}", rank=rank, world_size=2)
+        log = Path("{tmp_path}") / f"rank{{rank}}.json"
+        deleted = []
+        real_rmtree = shutil.rmtree
+        def rmtree(path, *args, **kwargs):
+            deleted.append(time.time())
+            real_rmtree(path, *args, **kwargs)
+        shutil.rmtree = rmtree
+        if rank == 1:
+            time.sleep(1.5)  # a slower process reaches the decision later
+        entered = time.time()
+        found = training.resume_checkpoint(Path("{ckpts}"), {{"run_hash": "x"}})
+        log.write_text(json.dumps({{"entered": entered, "found": found and str(found), "deleted": deleted,
+                                    "exists_after": Path("{ckpts}").exists()}}))
+        dist.destroy_process_group()
+        """))
+    ranks = [subprocess.Popen([sys.executable, str(rank_script), str(r)], cwd=ROOT) for r in (0, 1)]
+    assert [p.wait(120) for p in ranks] == [0, 0]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["found"] is None and r1["found"] is None
+    assert r1["deleted"] == [] and len(r0["deleted"]) == 1
+    assert r0["deleted"][0] >= r1["entered"], "rank 0 deleted the checkpoints before rank 1 had read them"
+    assert not r0["exists_after"] and not r1["exists_after"]
+
+
+def test_the_simulated_crash_kills_ranks_in_sessions_of_their_own(tmp_path):
+    """torchrun starts each rank with start_new_session: the kill must reach them, not only the launcher."""
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(textwrap.dedent(f"""\
+        import subprocess, sys, time
+        rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+        open("{tmp_path / 'rank.pid'}", "w").write(str(rank.pid))
+        time.sleep(600)
+        """))
+    pid_file = tmp_path / "rank.pid"
+    leg = multi_gpu.Leg(tmp_path, tmp_path / "leg.log", [sys.executable, str(launcher)])
+    result = leg.wait(60, until=lambda: pid_file.is_file() and pid_file.read_text() != "")
+    assert result["how"] == "killed"
+    import psutil
+
+    rank_pid = int(pid_file.read_text())
+    assert not psutil.pid_exists(rank_pid) or psutil.Process(rank_pid).status() == psutil.STATUS_ZOMBIE
+
+
 def test_step_times_leave_out_the_first_step_of_each_process():
     step_time = [[1, 9.0], [2, 2.0], [3, 8.0], [4, 3.0], [5, 4.0]]
     assert multi_gpu.timing(step_time, {1, 3}) == {"timed_steps": [2, 4, 5], "median_s": 3.0, "min_s": 2.0,
