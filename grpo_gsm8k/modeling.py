@@ -195,15 +195,15 @@ def load_policy(p: Params) -> Policy:
 
 def unsloth_load_kwargs(p: Params) -> dict:
     """FastLanguageModel.from_pretrained's arguments. fast_inference (vLLM inside the model, sharing its
-    weights, the LoRA per request) is what colocated generation would use; validation refuses it for now
-    (config.Params: it crashed or stalled on the H100), so it is off.
+    weights, the LoRA per request) is what colocated generation uses; validation refuses it for now
+    (config.Params: it crashed or stalled on the H100), and only bench_grpo.py's diagnosis gets past that.
     use_exact_model_name: Unsloth would otherwise load its own copy of a Hub id (Qwen/Qwen2.5-3B-Instruct ->
     unsloth/Qwen2.5-3B-Instruct-unsloth-bnb-4bit in 4-bit, unsloth/Qwen2.5-3B-Instruct in 16-bit: its
     models/mapper.py), a repo check_model never checked, missing from an offline cache, and the base the
     saved adapter would name instead of model.name."""
     return dict(model_name=p.model.name, use_exact_model_name=True, max_seq_length=p.model.max_seq_length,
                 load_in_4bit=p.model.load_in_4bit, dtype=torch_dtype(p.model.dtype),
-                fast_inference=False,
+                fast_inference=p.generation.use_vllm and p.generation.vllm_mode == "colocate",
                 max_lora_rank=p.lora.r, gpu_memory_utilization=p.generation.vllm_gpu_memory_utilization)
 
 
