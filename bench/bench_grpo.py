@@ -339,8 +339,12 @@ def cmd_train(a) -> None:
     p = replace(p, model={"name": str(Path(a.model).resolve()), "backend": a.backend, "load_in_4bit": not a.bf16},
                 generation={"use_vllm": a.vllm and not refused, "vllm_mode": "colocate",
                             **({"vllm_gpu_memory_utilization": a.gpu_memory} if a.gpu_memory else {})})
-    if refused:  # past validation on purpose (model_copy does not validate): issue 15's diagnosis
-        p = p.model_copy(update={"generation": p.generation.model_copy(update={"use_vllm": True})})
+
+    def past_validation(params: config.Params) -> config.Params:  # issue 15's diagnosis: model_copy skips it
+        return params.model_copy(update={"generation": params.generation.model_copy(update={"use_vllm": True})})
+
+    if refused:
+        p = past_validation(p)
     engine = "vllm" if a.vllm else "hf"
     if a.fake_generate and a.vllm:
         raise SystemExit("--fake-generate replaces HF generate; drop --vllm")
@@ -408,6 +412,8 @@ def cmd_train(a) -> None:
                               "gradient_accumulation_steps": bc["gradient_accumulation_steps"],
                               "max_steps": a.steps if name == "reference" else a.steps_big,
                               "max_completion_length": bc["completion_tokens"], "save_steps": 10**6})
+        if refused:
+            q = past_validation(q)
         left = len(a.configs) - i
         if a.reserve_s:  # keep a fixed reserve for each config still to come
             deadline = deadline_all - a.reserve_s * (left - 1)
