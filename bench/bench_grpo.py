@@ -342,9 +342,6 @@ def cmd_train(a) -> None:
 
     def past_validation(params: config.Params) -> config.Params:  # issue 15's diagnosis: model_copy skips it
         return params.model_copy(update={"generation": params.generation.model_copy(update={"use_vllm": True})})
-
-    if refused:
-        p = past_validation(p)
     engine = "vllm" if a.vllm else "hf"
     if a.fake_generate and a.vllm:
         raise SystemExit("--fake-generate replaces HF generate; drop --vllm")
