@@ -335,13 +335,9 @@ def perturb_lora_b(model, std: float, seed: int) -> int:
 
 def cmd_train(a) -> None:
     p = config.load(ROOT / "params.yaml")
-    refused = a.vllm and a.backend == "unsloth"  # fast_inference: validation refuses it, this measures it
     p = replace(p, model={"name": str(Path(a.model).resolve()), "backend": a.backend, "load_in_4bit": not a.bf16},
-                generation={"use_vllm": a.vllm and not refused, "vllm_mode": "colocate",
+                generation={"use_vllm": a.vllm, "vllm_mode": "colocate",
                             **({"vllm_gpu_memory_utilization": a.gpu_memory} if a.gpu_memory else {})})
-
-    def past_validation(params: config.Params) -> config.Params:  # issue 15's diagnosis: model_copy skips it
-        return params.model_copy(update={"generation": params.generation.model_copy(update={"use_vllm": True})})
     engine = "vllm" if a.vllm else "hf"
     if a.fake_generate and a.vllm:
         raise SystemExit("--fake-generate replaces HF generate; drop --vllm")
@@ -409,8 +405,6 @@ def cmd_train(a) -> None:
                               "gradient_accumulation_steps": bc["gradient_accumulation_steps"],
                               "max_steps": a.steps if name == "reference" else a.steps_big,
                               "max_completion_length": bc["completion_tokens"], "save_steps": 10**6})
-        if refused:
-            q = past_validation(q)
         left = len(a.configs) - i
         if a.reserve_s:  # keep a fixed reserve for each config still to come
             deadline = deadline_all - a.reserve_s * (left - 1)

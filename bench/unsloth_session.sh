@@ -3,8 +3,7 @@
 # and the Qwen2.5 tokenizer in /tmp): Unsloth's training path attempt by attempt (bench_grpo.py diagnose,
 # bench/results/unsloth_sources.md says what each tests), the Unsloth adapter through stages/merge.py, then
 # the transformers backend on vLLM at the same batch in the same session, with and without gradient
-# checkpointing. Everything lands in $1 (default /tmp/b15). Since these runs, validation refuses Unsloth with
-# colocated vLLM, so diagnose's vllm attempt now stops at that refusal (BENCHMARKS.md, Unsloth section).
+# checkpointing. Everything lands in $1 (default /tmp/b15). The second session's script is unsloth_session2.sh.
 set -u
 out=${1:-/tmp/b15}
 mkdir -p "$out"

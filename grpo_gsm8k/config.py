@@ -222,20 +222,17 @@ class Params(_Section):
         if self.model.max_seq_length <= self.train.max_completion_length:
             raise _Problem("model.max_seq_length", f"must exceed train.max_completion_length "
                                                    f"({self.train.max_completion_length}) to leave room for the prompt")
-        if self.model.backend == "unsloth" and self.generation.use_vllm and self.generation.vllm_mode == "colocate":
-            raise _Problem("model.backend",
-                           "unsloth with generation.use_vllm (colocate: Unsloth's fast_inference) did not train on an "
-                           "H100 at 256 completions a step (Unsloth 2026.10.7, vLLM 0.26): vLLM generated, then the "
-                           "process crashed (segfault) in the first training micro-batch, or spent over 3 minutes "
-                           "compiling Unsloth's GRPO loss (BENCHMARKS.md, bench/results/unsloth_diag). Set "
-                           "model.backend: transformers (vLLM colocate on a 16-bit base), or generation.use_vllm: "
-                           "false (Unsloth with HF generate)")
-        if self.generation.use_vllm and self.model.load_in_4bit:
+        # Unsloth's colocated fast_inference shares the base weights with vLLM and passes the LoRA with every
+        # request: no merge, so a 4-bit base is synced exactly there (and only there).
+        fast_inference = self.model.backend == "unsloth" and self.generation.vllm_mode == "colocate"
+        if self.generation.use_vllm and self.model.load_in_4bit and not fast_inference:
             raise _Problem("generation.use_vllm",
                            "TRL syncs the policy to vLLM by merging the LoRA into the base weights; on a 4-bit base "
                            "that merge re-quantizes them and loses most of the update, so rollouts would not come "
                            "from the policy being trained. Set model.load_in_4bit: false (16-bit base: exact sync, "
-                           "the fastest path), or generation.use_vllm: false (HF generate on the 4-bit model)")
+                           "the fastest path), model.backend: unsloth with generation.vllm_mode: colocate (its "
+                           "fast_inference passes the LoRA to vLLM per request), or generation.use_vllm: false "
+                           "(HF generate on the 4-bit model)")
         return self
 
 

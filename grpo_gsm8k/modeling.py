@@ -195,8 +195,7 @@ def load_policy(p: Params) -> Policy:
 
 def unsloth_load_kwargs(p: Params) -> dict:
     """FastLanguageModel.from_pretrained's arguments. fast_inference (vLLM inside the model, sharing its
-    weights, the LoRA per request) is what colocated generation uses; validation refuses it for now
-    (config.Params: it crashed or stalled on the H100), and only bench_grpo.py's diagnosis gets past that.
+    weights, the LoRA per request) is what colocated generation uses.
     use_exact_model_name: Unsloth would otherwise load its own copy of a Hub id (Qwen/Qwen2.5-3B-Instruct ->
     unsloth/Qwen2.5-3B-Instruct-unsloth-bnb-4bit in 4-bit, unsloth/Qwen2.5-3B-Instruct in 16-bit: its
     models/mapper.py), a repo check_model never checked, missing from an offline cache, and the base the
@@ -217,7 +216,9 @@ def _unsloth_policy(p: Params) -> Policy:
         lora_alpha=p.lora.alpha,
         lora_dropout=p.lora.dropout,
         target_modules=list(p.lora.target_modules),
-        use_gradient_checkpointing="unsloth" if p.model.gradient_checkpointing else False,
+        # Plain recomputation, not "unsloth" (activations offloaded to CPU): the one measured to finish steps at
+        # the defaults' batch on an H100, with and without fast_inference (BENCHMARKS.md, Unsloth section).
+        use_gradient_checkpointing=True if p.model.gradient_checkpointing else False,
         random_state=p.train.seed,
     )
     tokenizer.padding_side = "left"

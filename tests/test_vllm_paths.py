@@ -25,11 +25,10 @@ def params(tiny_params, backend: str, use_vllm: bool, four_bit: bool, mode: str 
 
 
 def refused(backend: str, use_vllm: bool, four_bit: bool, mode: str) -> str | None:
-    """The key a combination is refused under, if it is. Unsloth's fast_inference (colocate) crashed or stalled
-    on the H100; TRL's sync merges the LoRA into the base weights, which on 4-bit weights re-quantizes them."""
-    if backend == "unsloth" and use_vllm and mode == "colocate":
-        return "model.backend"
-    return "generation.use_vllm" if use_vllm and four_bit else None
+    """The key a combination is refused under, if it is. TRL's sync merges the LoRA into the base weights, which
+    on 4-bit weights re-quantizes them; Unsloth's colocated fast_inference passes the LoRA per request instead."""
+    fast_inference = backend == "unsloth" and mode == "colocate"
+    return "generation.use_vllm" if use_vllm and four_bit and not fast_inference else None
 
 
 COMBOS = list(itertools.product(("transformers", "unsloth"), (False, True), (False, True), ("colocate", "server")))
@@ -45,7 +44,8 @@ def test_refused_combinations_name_the_key_and_the_fix(tiny_params, backend, use
         message = str(err.value)
         assert message.startswith(f"{key}:")
         assert "generation.use_vllm: false" in message
-        assert ("model.backend: transformers" if key == "model.backend" else "model.load_in_4bit: false") in message
+        assert "model.load_in_4bit: false" in message
+        assert "model.backend: unsloth with generation.vllm_mode: colocate" in message
     else:
         p = config.parse(raw)
         assert (p.model.backend, p.generation.use_vllm, p.model.load_in_4bit) == (backend, use_vllm, four_bit)
@@ -66,11 +66,13 @@ def test_grpo_config_carries_the_generation_settings(tiny_params, tmp_path, use_
 
 
 @pytest.mark.parametrize("use_vllm,four_bit,mode", [(False, True, "colocate"), (False, False, "colocate"),
-                                                    (True, False, "server")])
+                                                    (True, False, "server"), (True, True, "colocate"),
+                                                    (True, False, "colocate")])
 def test_unsloth_loader_settings(tiny_params, use_vllm, four_bit, mode):
     p = config.parse(params(tiny_params, "unsloth", use_vllm, four_bit, mode))
     kwargs = modeling.unsloth_load_kwargs(p)
-    assert kwargs["fast_inference"] is False  # colocated fast_inference is refused by validation
+    # vLLM inside the model only for colocated generation; server mode talks to `trl vllm-serve`
+    assert kwargs["fast_inference"] is (use_vllm and mode == "colocate")
     assert kwargs["load_in_4bit"] is four_bit and kwargs["max_lora_rank"] == p.lora.r
     assert kwargs["gpu_memory_utilization"] == p.generation.vllm_gpu_memory_utilization
     # the very model params name (and check_model checked), never Unsloth's pre-quantized copy of it
