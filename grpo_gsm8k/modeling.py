@@ -218,7 +218,7 @@ def _unsloth_policy(p: Params) -> Policy:
         target_modules=list(p.lora.target_modules),
         # Plain recomputation, not "unsloth" (activations offloaded to CPU): the one measured to finish steps at
         # the defaults' batch on an H100, with and without fast_inference (BENCHMARKS.md, Unsloth section).
-        use_gradient_checkpointing=True if p.model.gradient_checkpointing else False,
+        use_gradient_checkpointing=p.model.gradient_checkpointing,
         random_state=p.train.seed,
     )
     tokenizer.padding_side = "left"

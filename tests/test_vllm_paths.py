@@ -24,27 +24,24 @@ def params(tiny_params, backend: str, use_vllm: bool, four_bit: bool, mode: str 
     return raw
 
 
-def refused(backend: str, use_vllm: bool, four_bit: bool, mode: str) -> str | None:
-    """The key a combination is refused under, if it is. TRL's sync merges the LoRA into the base weights, which
-    on 4-bit weights re-quantizes them; Unsloth's colocated fast_inference passes the LoRA per request instead."""
-    fast_inference = backend == "unsloth" and mode == "colocate"
-    return "generation.use_vllm" if use_vllm and four_bit and not fast_inference else None
+def lossy(backend: str, use_vllm: bool, four_bit: bool, mode: str) -> bool:
+    """TRL's sync merges the LoRA into the base weights; on 4-bit weights that merge re-quantizes them.
+    Only Unsloth's fast_inference (colocate) shares the 4-bit weights and passes the LoRA per request."""
+    return use_vllm and four_bit and not (backend == "unsloth" and mode == "colocate")
 
 
 COMBOS = list(itertools.product(("transformers", "unsloth"), (False, True), (False, True), ("colocate", "server")))
 
 
 @pytest.mark.parametrize("backend,use_vllm,four_bit,mode", COMBOS)
-def test_refused_combinations_name_the_key_and_the_fix(tiny_params, backend, use_vllm, four_bit, mode):
+def test_lossy_sync_is_refused_with_the_fix(tiny_params, backend, use_vllm, four_bit, mode):
     raw = params(tiny_params, backend, use_vllm, four_bit, mode)
-    key = refused(backend, use_vllm, four_bit, mode)
-    if key:
+    if lossy(backend, use_vllm, four_bit, mode):
         with pytest.raises(config.ConfigError) as err:
             config.parse(raw)
         message = str(err.value)
-        assert message.startswith(f"{key}:")
-        assert "generation.use_vllm: false" in message
-        assert "model.load_in_4bit: false" in message
+        assert message.startswith("generation.use_vllm:")
+        assert "model.load_in_4bit: false" in message and "generation.use_vllm: false" in message
         assert "model.backend: unsloth with generation.vllm_mode: colocate" in message
     else:
         p = config.parse(raw)
@@ -68,7 +65,7 @@ def test_grpo_config_carries_the_generation_settings(tiny_params, tmp_path, use_
 @pytest.mark.parametrize("use_vllm,four_bit,mode", [(False, True, "colocate"), (False, False, "colocate"),
                                                     (True, False, "server"), (True, True, "colocate"),
                                                     (True, False, "colocate")])
-def test_unsloth_loader_settings(tiny_params, use_vllm, four_bit, mode):
+def test_unsloth_loads_vllm_inside_the_model_only_when_colocated(tiny_params, use_vllm, four_bit, mode):
     p = config.parse(params(tiny_params, "unsloth", use_vllm, four_bit, mode))
     kwargs = modeling.unsloth_load_kwargs(p)
     # vLLM inside the model only for colocated generation; server mode talks to `trl vllm-serve`
