@@ -830,28 +830,6 @@ def cmd_eval(a) -> None:
     write_result(a.out or (f"eval_bs{bs}" if a.engine == "hf" else "eval_vllm"), result)
 
 
-def cmd_eval_adapter(a) -> None:
-    """An adapter through the evaluate stage's own generation and grading (evaluation.generate: one vLLM
-    engine on the 16-bit base, the LoRA per request), beside the base alone: the adapter loads and applies."""
-    from grpo_gsm8k import evaluation
-
-    p = config.load(ROOT / "params.yaml")
-    p = replace(p, model={"name": str(Path(a.model).resolve())}, eval={"max_new_tokens": a.completion},
-                generation={"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": a.gpu_memory},
-                lora={"r": json.loads(Path(a.adapter, "adapter_config.json").read_text())["r"]})
-    modeling.check_vllm(p)
-    records = load_records(Path(a.data) / "test.jsonl", p.data.system_prompt, "test")[: a.limit]
-    start = time.perf_counter()
-    base, tuned = evaluation.generate(p, [None, str(Path(a.adapter).resolve())], [r["prompt"] for r in records])
-    secs = time.perf_counter() - start
-    result = {"kind": "eval_adapter", "model": a.model, "adapter": a.adapter, **gpu_info(), "problems": len(records),
-              "max_new_tokens": a.completion, "seconds_both": round(secs, 1),
-              "completions_changed_by_adapter": sum(x.text != y.text for x, y in zip(base, tuned)) / len(records),
-              "base_metrics": evaluation.score(records, base)[1], "adapter_metrics": evaluation.score(records, tuned)[1]}
-    log(json.dumps(result, indent=1))
-    write_result(a.out or "eval_adapter", result)
-
-
 # ---------------------------------------------------------------------------------------------- report
 
 
@@ -1042,14 +1020,6 @@ def main() -> None:
     e.add_argument("--engine", choices=("hf", "vllm"), default="hf")
     e.add_argument("--gpu-memory", type=float, default=None, help="vLLM's share of GPU memory")
     e.add_argument("--out", default=None)
-    ea = sub.add_parser("eval-adapter", help="an adapter through evaluation.generate (vLLM, LoRA per request)")
-    ea.add_argument("--model", default="/tmp/standin")
-    ea.add_argument("--adapter", required=True)
-    ea.add_argument("--data", default=".carry/gsm8k")
-    ea.add_argument("--limit", type=int, default=128)
-    ea.add_argument("--completion", type=int, default=128)
-    ea.add_argument("--gpu-memory", type=float, default=0.5)
-    ea.add_argument("--out", default=None)
     r = sub.add_parser("report")
     r.add_argument("--config", default="/work/shared/qwen2.5-tokenizer/config.json")
     r.add_argument("--prompt-tokens", type=float, default=None,
@@ -1058,7 +1028,7 @@ def main() -> None:
     if a.cmd == "report" and a.prompt_tokens is None:
         a.prompt_tokens = 160.0
     {"build-standin": cmd_build_standin, "train": cmd_train, "merge": cmd_merge, "eval": cmd_eval,
-     "report": cmd_report, "diagnose": cmd_diagnose, "eval-adapter": cmd_eval_adapter}[a.cmd](a)
+     "report": cmd_report, "diagnose": cmd_diagnose}[a.cmd](a)
 
 
 if __name__ == "__main__":
