@@ -33,7 +33,7 @@ if [ "$mode" = standin ]; then
   timeout 400 python bench/bench_grpo.py train --backend transformers --vllm --bf16 "${common[@]}" --budget-s 330 \
     --out transformers_vllm_bf16 > "$out/transformers_vllm_bf16.log" 2>&1
   step "transformers: rc $?"
-  if [ "$SECONDS" -lt 900 ]; then
+  if [ "$SECONDS" -lt 1200 ] && [ ! -f /tmp/skip_bf16 ]; then  # /tmp/skip_bf16: a poll call saves the time
     step "unsloth fast_inference, 16-bit base"
     timeout 480 python bench/bench_grpo.py train --backend unsloth --vllm --bf16 --unsloth-gc true "${common[@]}" \
       --budget-s 400 --out unsloth_fast_inference_bf16 > "$out/unsloth_fast_inference_bf16.log" 2>&1
