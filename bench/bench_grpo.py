@@ -459,6 +459,11 @@ def cmd_train(a) -> None:
             n = perturb_lora_b(trainer.model, a.noise_std, a.noise_seed)
             trainer.model.save_pretrained(a.save_adapter)
             policy.tokenizer.save_pretrained(a.save_adapter)
+            # the record stages/merge.py builds the model card from, as the train stage writes it
+            Path(a.save_adapter, "training_run.json").write_text(json.dumps({
+                "base_model": q.model.name, "backend": q.model.backend, "params": config.as_dict(q),
+                "effective_grpo_config": trainer.args.to_dict(), "versions": modeling.package_versions(),
+                "bench": f"bench_grpo.py train, LoRA B perturbed (noise std {a.noise_std})"}, indent=1, default=str))
             result["adapter"] = {"dir": a.save_adapter, "lora_b_perturbed": n, "noise_std": a.noise_std,
                                  "noise_seed": a.noise_seed, "files": sorted(os.listdir(a.save_adapter)),
                                  "adapter_config": json.loads(Path(a.save_adapter, "adapter_config.json").read_text())}

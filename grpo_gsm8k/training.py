@@ -78,6 +78,9 @@ def grpo_args(p: Params, output_dir: str, cuda: bool, **overrides):
         vllm_mode=p.generation.vllm_mode,
         vllm_gpu_memory_utilization=p.generation.vllm_gpu_memory_utilization,
         vllm_max_model_length=p.model.max_seq_length,  # TRL's default is the model's 32k: KV cache wasted
+        # TRL's default, stated because importing Unsloth turns it off: both backends then train the same
+        # objective, and both log the trainer-vs-vLLM log-prob gap that shows the weight sync is right
+        vllm_importance_sampling_correction=True,
         report_to=t.report_to,  # an extra tracker (checked installed up front); DVCLive logs either way
         disable_tqdm=False,
     )

@@ -147,3 +147,27 @@ def test_a_stall_inside_torch_compile_is_labelled_with_the_unsloth_function_that
     label = bench_grpo.stack_label((tmp_path / "x.stacks.txt").read_text())
     assert label.startswith("in torch.compile, under unsloth_zoo/rl_replacements.py:")
     assert label.endswith(" grpo_accumulated_loss")
+
+
+def test_a_bench_adapter_goes_through_the_merge_stage_with_its_card(tiny_model, tmp_path):
+    """`train --save-adapter` then `merge`, as bench/unsloth_session3.sh runs them on the GPU: the merge stage
+    reads the adapter's training_run.json for the model card, which the H100 run found missing."""
+    def bench(*args):
+        proc = subprocess.run([sys.executable, str(ROOT / "bench/bench_grpo.py"), *args],
+                              capture_output=True, text=True, cwd=ROOT)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    adapter = tmp_path / "adapter"
+    bench("train", "--backend", "transformers", "--model", str(tiny_model), "--data", str(DATA), "--configs",
+          "defaults", "--steps-big", "1", "--completion", "8", "--fake-generate", "--results-dir", str(tmp_path),
+          "--out", "train", "--save-adapter", str(adapter), "--budget-s", "300")
+    run = json.loads((adapter / "training_run.json").read_text())
+    assert run["backend"] == "transformers" and run["base_model"] == str(tiny_model.resolve())
+    assert run["effective_grpo_config"]["vllm_importance_sampling_correction"] is True
+
+    bench("merge", "--model", str(tiny_model), "--adapter", str(adapter), "--data", str(DATA),
+          "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "merge"))
+    merge = json.loads((tmp_path / "merge.json").read_text())
+    assert merge["pass"] and merge["base_vs_merged"]["max_abs"] > 0  # the perturbed LoRA changed the logits
+    card = (tmp_path / "work/models/merged/README.md").read_text()
+    assert "| backend | transformers |" in card
