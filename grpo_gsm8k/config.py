@@ -153,6 +153,8 @@ class TrainConfig(_Section):
     temperature: float = Field(gt=0, description="GRPO needs sampled, diverse completions")
     beta: float = Field(ge=0)
     loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"]
+    epsilon: float = Field(gt=0, lt=1, description="the policy ratio is clipped below 1 - epsilon")
+    epsilon_high: float = Field(gt=0, lt=1, description="the policy ratio is clipped above 1 + epsilon_high")
     scale_rewards: Literal["group", "batch", "none"]
     mask_truncated_completions: bool
     logging_steps: Int = Field(gt=0)

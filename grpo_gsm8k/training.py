@@ -62,6 +62,8 @@ def grpo_args(p: Params, output_dir: str, cuda: bool, **overrides):
         temperature=t.temperature,
         beta=t.beta,
         loss_type=t.loss_type,
+        epsilon=t.epsilon,
+        epsilon_high=t.epsilon_high,
         scale_rewards=t.scale_rewards,
         mask_truncated_completions=t.mask_truncated_completions,
         reward_weights=[t.reward_weights[n] for n in names],

@@ -62,6 +62,20 @@ def test_grpo_config_carries_the_generation_settings(tiny_params, tmp_path, use_
     assert args.reward_weights == [p.train.reward_weights[name] for name in p.train.reward_weights]
 
 
+def test_grpo_config_states_what_unsloth_would_otherwise_change(tiny_params, tmp_path):
+    """Importing Unsloth turns TRL's importance-sampling correction off and sets epsilon_high to 0.28 for dapo
+    (unsloth/models/rl.py) unless the config states them: the project states both, so both backends train
+    the same objective, the clip range comes from params.yaml, and the log-prob gap is logged either way."""
+    raw = params(tiny_params, "transformers", False, False, "colocate")
+    raw["train"].update(epsilon=0.15, epsilon_high=0.28)
+    args = training.grpo_args(config.parse(raw), str(tmp_path), cuda=False)
+    assert args.vllm_importance_sampling_correction is True
+    assert (args.epsilon, args.epsilon_high) == (0.15, 0.28)
+    raw["train"]["epsilon_high"] = 1.5
+    with pytest.raises(config.ConfigError, match=r"train\.epsilon_high"):
+        config.parse(raw)
+
+
 @pytest.mark.parametrize("use_vllm,four_bit,mode", [(False, True, "colocate"), (False, False, "colocate"),
                                                     (True, False, "server"), (True, True, "colocate"),
                                                     (True, False, "colocate")])
