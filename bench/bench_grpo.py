@@ -234,7 +234,9 @@ def summarise(steps: list[dict], warmup: int = 1) -> dict:
     toks = sum(s["completion_tokens"] for s in timed)
     gen = sum(s.get("generate_s", 0.0) for s in timed)
     score = sum(s.get("generate_and_score_s", 0.0) for s in timed)
+    each = sorted(s["seconds"] for s in timed)
     return {"timed_steps": len(timed), "seconds_per_step": round(secs / len(timed), 2),
+            "seconds_per_step_median": round(statistics.median(each), 2), "seconds_min_max": [each[0], each[-1]],
             "completion_tokens_per_s": round(toks / secs, 1) if secs else None,
             "generate_share": round(gen / secs, 3) if secs else None,
             "generate_s_per_step": round(gen / len(timed), 2),

@@ -213,9 +213,12 @@ def plot(summary: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
     for i, r in enumerate(summary["runs"]):
         t, b = r["trained"], r["base"]
-        label = (f"{r['recipe']} seed {r['seed']}: strict {b['accuracy']:.1%} -> {t['accuracy']:.1%}, "
+        model = r["params"]["model"]
+        backend = model["backend"] + (", 4-bit" if model["load_in_4bit"] else "")
+        label = (f"{r['recipe']} [{backend}] seed {r['seed']}: strict {b['accuracy']:.1%} -> {t['accuracy']:.1%}, "
                  f"lenient {b['accuracy_lenient']:.1%} -> {t['accuracy_lenient']:.1%}")
-        style = dict(color=f"C{i}", linestyle="-" if r["recipe"] == "batch_scaled" else "--", linewidth=1.3)
+        solid = r["recipe"] == "batch_scaled" and model["backend"] == "transformers"
+        style = dict(color=f"C{i}", linestyle="-" if solid else "--", linewidth=1.3)
         for ax, (key, title) in zip(axes, panels):
             points = r["curves"].get(key)
             if points:
@@ -253,11 +256,13 @@ def main() -> None:
     m.add_argument("--model-label", required=True)
     m.add_argument("--out", default=str(ROOT / "bench/results/real_model"))
     g = sub.add_parser("plot", help="the curves of summary.json as a PNG")
-    g.add_argument("--summary", default=str(ROOT / "bench/results/real_model/summary.json"))
+    g.add_argument("--summary", nargs="+", default=[str(ROOT / "bench/results/real_model/summary.json")])
+    g.add_argument("--recipe", default=None, help="only this recipe's runs")
     g.add_argument("--png", default=str(ROOT / "docs/real_model_curves.png"))
     a = ap.parse_args()
-    if a.cmd == "plot":
-        plot(json.loads(Path(a.summary).read_text()), Path(a.png))
+    if a.cmd == "plot":  # several summaries: their runs in one figure (e.g. two backends on one recipe)
+        summaries = [json.loads(Path(path).read_text()) for path in a.summary]
+        plot({"runs": [r for s in summaries for r in s["runs"] if a.recipe in (None, r["recipe"])]}, Path(a.png))
         return
     if a.cmd == "summarize":
         runs = [(recipe, int(seed)) for recipe, seed in (run.split(":") for run in a.runs)]

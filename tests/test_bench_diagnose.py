@@ -171,3 +171,11 @@ def test_a_bench_adapter_goes_through_the_merge_stage_with_its_card(tiny_model, 
     assert merge["pass"] and merge["base_vs_merged"]["max_abs"] > 0  # the perturbed LoRA changed the logits
     card = (tmp_path / "work/models/merged/README.md").read_text()
     assert "| backend | transformers |" in card
+
+
+def test_summary_gives_the_median_and_spread_of_the_timed_steps_not_only_the_mean():
+    steps = [{"seconds": s, "completion_tokens": 100, "generate_s": 1.0, "generate_and_score_s": 2.0}
+             for s in (70.0, 68.0, 38.0, 37.0, 39.0)]  # two slow early steps: a mean alone would hide them
+    summary = bench_grpo.summarise(steps, warmup=1)
+    assert summary["timed_steps"] == 4 and summary["seconds_per_step"] == 45.5
+    assert summary["seconds_per_step_median"] == 38.5 and summary["seconds_min_max"] == [37.0, 68.0]
