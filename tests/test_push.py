@@ -288,6 +288,7 @@ def test_model_cards_parse_and_carry_the_metadata(workspace, fake_hub, repo_id, 
                       ("per-device batch (completions)", "per_device_train_batch_size")]:
         assert f"| {name} | {params['train'][key]} |" in text
     assert f"| LoRA r | {params['lora']['r']} |" in text and f"| LoRA alpha | {params['lora']['alpha']} |" in text
+    assert f"| ratio clip (epsilon, epsilon_high) | {params['train']['epsilon']}, {params['train']['epsilon_high']} |" in text
     assert "from vllm import LLM" in text and "from transformers import" in text
     assert ("from peft import" in text) == (relation == "adapter")
     assert f'"{repo_id}"' in text
