@@ -362,6 +362,9 @@ def cmd_train(a) -> None:
         faulthandler.dump_traceback_later(a.stack_every, repeat=True, file=stacks)
     if a.unsloth_gc:
         unsloth_gradient_checkpointing(a.unsloth_gc)
+    if a.unsloth_vllm_seqs_auto:
+        chosen = modeling.unsloth_load_kwargs
+        modeling.unsloth_load_kwargs = lambda q: {k: v for k, v in chosen(q).items() if k != "max_num_seqs"}
     deadline_all = time.time() + a.budget_s
     records = load_records(Path(a.data) / "train.jsonl", p.data.system_prompt, "train")
     dataset = Dataset.from_list(records)
@@ -435,6 +438,8 @@ def cmd_train(a) -> None:
                  "min_new_tokens_in_generation_config": getattr(gen_cfg, "min_new_tokens", None),
                  "max_new_tokens_in_generation_config": getattr(gen_cfg, "max_new_tokens", None),
                  "unsloth_gradient_checkpointing": getattr(policy.model, "_unsloth_gradient_checkpointing", None),
+                 "unsloth_vllm_max_num_seqs": getattr(getattr(policy.model, "vllm_engine", None),
+                                                      "approx_max_num_seqs", None),
                  "effective_args": {k: getattr(trainer.args, k, None) for k in (
                      "per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
                      "generation_batch_size", "num_generations", "max_completion_length", "beta", "loss_type",
@@ -997,6 +1002,8 @@ def main() -> None:
                    help="random forced tokens instead of HF generate: a step then times only what follows generation")
     t.add_argument("--unsloth-gc", choices=("unsloth", "true", "false"), default=None,
                    help="use_gradient_checkpointing for Unsloth's get_peft_model (default: from params)")
+    t.add_argument("--unsloth-vllm-seqs-auto", action="store_true",
+                   help="leave vLLM's max_num_seqs to Unsloth's pick from free memory (the project passes the batch)")
     t.add_argument("--trainer-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="a GRPOConfig override, e.g. unsloth_logit_chunk_multiplier=1 (repeatable)")
     t.add_argument("--log-recompiles", action="store_true", help="torch's recompiles log (Unsloth silences it)")

@@ -199,11 +199,18 @@ def unsloth_load_kwargs(p: Params) -> dict:
     use_exact_model_name: Unsloth would otherwise load its own copy of a Hub id (Qwen/Qwen2.5-3B-Instruct ->
     unsloth/Qwen2.5-3B-Instruct-unsloth-bnb-4bit in 4-bit, unsloth/Qwen2.5-3B-Instruct in 16-bit: its
     models/mapper.py), a repo check_model never checked, missing from an offline cache, and the base the
-    saved adapter would name instead of model.name."""
-    return dict(model_name=p.model.name, use_exact_model_name=True, max_seq_length=p.model.max_seq_length,
-                load_in_4bit=p.model.load_in_4bit, dtype=torch_dtype(p.model.dtype),
-                fast_inference=p.generation.use_vllm and p.generation.vllm_mode == "colocate",
-                max_lora_rank=p.lora.r, gpu_memory_utilization=p.generation.vllm_gpu_memory_utilization)
+    saved adapter would name instead of model.name.
+    max_num_seqs: Unsloth sizes vLLM's concurrent sequences from free memory (80 for the 3B model in 16-bit at
+    share 0.35 on an H100), so a step's 256 completions decoded in 4 waves; TRL's own colocated engine takes the
+    whole generation batch at once. One more than the batch, because 256 is Unsloth's "pick for me" value
+    (unsloth_zoo vllm_utils.load_vllm). Measured: BENCHMARKS.md, Unsloth section."""
+    fast_inference = p.generation.use_vllm and p.generation.vllm_mode == "colocate"
+    kwargs = dict(model_name=p.model.name, use_exact_model_name=True, max_seq_length=p.model.max_seq_length,
+                  load_in_4bit=p.model.load_in_4bit, dtype=torch_dtype(p.model.dtype), fast_inference=fast_inference,
+                  max_lora_rank=p.lora.r, gpu_memory_utilization=p.generation.vllm_gpu_memory_utilization)
+    if fast_inference:  # a single process: TRL's generation batch is per-device batch x steps_per_generation
+        kwargs["max_num_seqs"] = p.train.per_device_train_batch_size * p.train.gradient_accumulation_steps + 1
+    return kwargs
 
 
 def _unsloth_policy(p: Params) -> Policy:

@@ -90,6 +90,20 @@ def test_unsloth_loads_vllm_inside_the_model_only_when_colocated(tiny_params, us
     assert kwargs["model_name"] == p.model.name and kwargs["use_exact_model_name"] is True
 
 
+@pytest.mark.parametrize("per_device,accumulation", [(32, 8), (8, 16), (4, 2)])
+def test_unsloth_vllm_takes_the_whole_generation_batch_at_once(tiny_params, tmp_path, per_device, accumulation):
+    """Left to itself Unsloth caps vLLM at 80-96 concurrent sequences on an H100 (BENCHMARKS.md), so the
+    defaults' 256 completions decode in waves; 256 itself means "pick from free memory" to Unsloth."""
+    raw = params(tiny_params, "unsloth", True, False, "colocate")
+    raw["train"].update(per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation)
+    p = config.parse(raw)
+    generation_batch = training.grpo_args(p, str(tmp_path), cuda=False).generation_batch_size  # TRL's own count
+    seqs = modeling.unsloth_load_kwargs(p)["max_num_seqs"]
+    assert generation_batch <= seqs <= generation_batch + 1 and seqs != 256
+    raw["generation"]["use_vllm"] = False  # no engine: nothing for Unsloth to drop with a warning
+    assert "max_num_seqs" not in modeling.unsloth_load_kwargs(config.parse(raw))
+
+
 @pytest.mark.parametrize("four_bit", [False, True])
 def test_transformers_loader_quantizes_only_on_request(tiny_params, monkeypatch, four_bit):
     monkeypatch.setattr(modeling, "cuda_available", lambda: True)  # the GPU branch's settings, without a GPU
