@@ -200,10 +200,11 @@ def unsloth_load_kwargs(p: Params) -> dict:
     unsloth/Qwen2.5-3B-Instruct-unsloth-bnb-4bit in 4-bit, unsloth/Qwen2.5-3B-Instruct in 16-bit: its
     models/mapper.py), a repo check_model never checked, missing from an offline cache, and the base the
     saved adapter would name instead of model.name.
-    max_num_seqs: Unsloth sizes vLLM's concurrent sequences from free memory (80 for the 3B model in 16-bit at
-    share 0.35 on an H100), so a step's 256 completions decoded in 4 waves; TRL's own colocated engine takes the
-    whole generation batch at once. One more than the batch, because 256 is Unsloth's "pick for me" value
-    (unsloth_zoo vllm_utils.load_vllm). Measured: BENCHMARKS.md, Unsloth section."""
+    max_num_seqs: Unsloth sizes vLLM's concurrent sequences from free memory (48-96 on an H100, 112 on an H200 at
+    share 0.35), so a step's 256 completions decoded in waves; TRL's own colocated engine takes the whole
+    generation batch at once. One more than the batch, because 256 is Unsloth's "pick for me" value
+    (unsloth_zoo vllm_utils.load_vllm). On the H200 it cut the defaults' step from 29.4 to 23.8 s
+    (BENCHMARKS.md, Unsloth section, fourth session)."""
     fast_inference = p.generation.use_vllm and p.generation.vllm_mode == "colocate"
     kwargs = dict(model_name=p.model.name, use_exact_model_name=True, max_seq_length=p.model.max_seq_length,
                   load_in_4bit=p.model.load_in_4bit, dtype=torch_dtype(p.model.dtype), fast_inference=fast_inference,

@@ -150,7 +150,7 @@ def test_a_stall_inside_torch_compile_is_labelled_with_the_unsloth_function_that
 
 
 def test_a_bench_adapter_goes_through_the_merge_stage_with_its_card(tiny_model, tmp_path):
-    """`train --save-adapter` then `merge`, as bench/unsloth_h100.sh runs them on the GPU: the merge stage
+    """`train --save-adapter` then `merge`, as bench/unsloth_gpu.sh runs them on the GPU: the merge stage
     reads the adapter's training_run.json for the model card, which the H100 run found missing."""
     def bench(*args):
         proc = subprocess.run([sys.executable, str(ROOT / "bench/bench_grpo.py"), *args],

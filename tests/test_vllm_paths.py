@@ -92,7 +92,7 @@ def test_unsloth_loads_vllm_inside_the_model_only_when_colocated(tiny_params, us
 
 @pytest.mark.parametrize("per_device,accumulation", [(32, 8), (8, 16), (4, 2)])
 def test_unsloth_vllm_takes_the_whole_generation_batch_at_once(tiny_params, tmp_path, per_device, accumulation):
-    """Left to itself Unsloth caps vLLM at 80-96 concurrent sequences on an H100 (BENCHMARKS.md), so the
+    """Left to itself Unsloth caps vLLM at 48-112 concurrent sequences (H100, H200: BENCHMARKS.md), so the
     defaults' 256 completions decode in waves; 256 itself means "pick from free memory" to Unsloth."""
     raw = params(tiny_params, "unsloth", True, False, "colocate")
     raw["train"].update(per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation)

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Issue 15 on an H100, after `source bench/device.sh`. Writes into $2 (default /tmp/b15), then touches $2/DONE.
-# (The third session's results came from this script's earlier form, bench/unsloth_session3.sh at 1a16997.)
+# Issue 15 on one H100 or H200, after `source bench/device.sh`. Writes into $2 (default /tmp/b15), then touches $2/DONE.
+# (The third session ran its earlier form, bench/unsloth_session3.sh at 1a16997; the fourth ran `standin` on an H200.)
 #   standin  the 3B stand-in (random weights, 32 prompts x 8, 512 tokens forced), 5 steps each, the first
-#            not timed: Unsloth fast_inference on a 16-bit base (the defaults with model.backend: unsloth),
-#            the transformers backend at the defaults; then, while the lease allows, 4 steps each of Unsloth
-#            16-bit with vLLM's max_num_seqs left to Unsloth (the A/B) and Unsloth fast_inference on a 4-bit base.
+#            two not timed (Unsloth's steps 1-2 take twice a later one's time): Unsloth fast_inference on a
+#            16-bit base (the defaults with model.backend: unsloth), the transformers backend at the defaults;
+#            then, while the lease allows, Unsloth 16-bit with vLLM's max_num_seqs left to Unsloth (the A/B) and
+#            Unsloth fast_inference on a 4-bit base.
 #   real     Qwen2.5-Coder-0.5B-Instruct (the GGUF chunks in /tmp/acc) through the project's own stages with
 #            model.backend unsloth on a 16-bit base with fast_inference: the 50-step batch_scaled recipe of
 #            LEARNING.md, seeds 0 and 1, beside the transformers backend's runs of the same recipe; then seed
@@ -25,17 +26,17 @@ bench() {  # NAME CAP ARGS...: one bench_grpo.py train run, its log in $out/NAME
 }
 
 if [ "$mode" = standin ]; then
-  common=(--configs defaults --completion 512 --warmup 1 --data "$data" --model /tmp/standin --results-dir "$out")
+  common=(--configs defaults --completion 512 --warmup 2 --data "$data" --model /tmp/standin --results-dir "$out")
   [ -f /tmp/standin/config.json ] || python bench/bench_grpo.py build-standin --tokenizer /tmp/carry/data/tokenizer --out /tmp/standin
   # The first two are the comparison the issue asks for; the A/B and the 4-bit row run while the lease allows
-  # (each start is gated on its cap fitting in about 1,600 s of script time).
+  # (each start is gated on its cap fitting in about 1,550 s of script time).
   bench unsloth_bf16 480 --backend unsloth --vllm --bf16 --unsloth-gc true --steps-big 5
   bench transformers_bf16 400 --backend transformers --vllm --bf16 --steps-big 5
-  if [ "$SECONDS" -lt 1180 ]; then
-    bench unsloth_bf16_seqs_auto 420 --backend unsloth --vllm --bf16 --unsloth-gc true --steps-big 4 --unsloth-vllm-seqs-auto
+  if [ "$SECONDS" -lt 1070 ]; then
+    bench unsloth_bf16_seqs_auto 480 --backend unsloth --vllm --bf16 --unsloth-gc true --steps-big 5 --unsloth-vllm-seqs-auto
   fi
-  if [ "$SECONDS" -lt 1180 ]; then
-    bench unsloth_4bit 420 --backend unsloth --vllm --unsloth-gc true --steps-big 4
+  if [ "$SECONDS" -lt 1070 ]; then
+    bench unsloth_4bit 480 --backend unsloth --vllm --unsloth-gc true --steps-big 5
   fi
 elif [ "$mode" = real ]; then
   [ -f /tmp/coder05/config.json ] || python bench/real_model.py build --gguf /tmp/model.gguf \
