@@ -2,11 +2,12 @@
 # make-site.sh and real-model.sh build have been copied to /tmp/vacc, /tmp/carry and /tmp/acc by one
 # device call each: unpacks vLLM + TRL, the rest of the stack (DVC, Unsloth, ...), the real model's GGUF (site.tgz has the gguf reader),
 # and sets the environment vLLM needs there (FlashInfer is not carried).
-# make-vllm-site.sh writes the archive's sha256 beside its chunks; the first chunk's call brings it to /tmp/vacc.
-VLLM_SHA=$(cat /tmp/vacc/SHA256 2>/dev/null)
 GGUF_SHA=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
 if [ ! -d /tmp/vsite/vllm ] && [ -d /tmp/vacc ]; then
-  cat /tmp/vacc/part* > /tmp/vsite.tar.xz && [ -n "$VLLM_SHA" ] && echo "$VLLM_SHA  /tmp/vsite.tar.xz" | sha256sum -c - \
+  # make-vllm-site.sh writes the archive's sha256 beside its chunks (a rebuild changes it); the first chunk's
+  # call brings it to /tmp/vacc.
+  VLLM_SHA=$(cat /tmp/vacc/SHA256) || echo "device.sh: carry .carry/vllm/SHA256 with the first vLLM chunk" >&2
+  cat /tmp/vacc/part* > /tmp/vsite.tar.xz && echo "$VLLM_SHA  /tmp/vsite.tar.xz" | sha256sum -c - \
     && mkdir -p /tmp/vsite && tar xJf /tmp/vsite.tar.xz -C /tmp/vsite && rm /tmp/vsite.tar.xz
 fi
 if [ ! -d /tmp/site/dvc ] && [ -f /tmp/carry/site.tgz ]; then
