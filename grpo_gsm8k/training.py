@@ -370,6 +370,93 @@ def _truncate_curves(live_dir: Path, last_step: int) -> None:
         tsv.write_text("\n".join([header, *kept]) + "\n")
 
 
+CURVE_COLUMNS = ("step", "minutes", "accuracy", "accuracy_lenient", "format_adherence", "completion_tokens_mean",
+                 "problems")
+
+
+class HeldOutCurve(TrainerCallback):
+    """Greedy accuracy on the first ``eval.during_training_problems`` test problems before training, every
+    ``eval.during_training_every`` optimizer steps and at the last one, so a user sees when training stops paying.
+    The evaluate stage's prompt, grader and engine: its own generate_vllm on TRL's colocated vLLM engine (synced
+    to the current weights first, which TRL would do before the next rollout anyway) or generate_hf on the
+    policy itself. One TSV row per point: the step, the minutes of training so far (evaluation time excluded)
+    and the evaluate stage's metrics. Call ``bind(trainer)`` before training."""
+
+    def __init__(self, p: Params, records: list[dict], path: Path, resume: bool):
+        self.p, self.records, self.path, self.resume = p, records, Path(path), resume
+        self.trainer, self.train_seconds, self.last_clock = None, 0.0, None
+
+    def bind(self, trainer) -> HeldOutCurve:
+        self.trainer = trainer
+        return self
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import time
+
+        rows = self._rows()
+        if self.resume:  # the points after the checkpoint are about to be measured again
+            rows = [row for row in rows if int(row["step"]) <= state.global_step]
+            self.train_seconds = 60 * float(rows[-1]["minutes"]) if rows else 0.0
+        else:
+            rows = []
+        if state.is_world_process_zero:
+            self._write(rows)
+            if not rows:
+                self._measure(state.global_step)
+        self.last_clock = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        step = state.global_step
+        if step % self.p.eval.during_training_every == 0 or step == state.max_steps:
+            self._measure(step)
+
+    def _measure(self, step: int) -> None:
+        import time
+
+        if not self.records:  # eval.during_training_problems: 0 (the TSV stays, header only, for DVC)
+            return
+        from .evaluation import generate_hf, generate_vllm, score
+
+        now = time.perf_counter()
+        if self.last_clock is not None:
+            self.train_seconds += now - self.last_clock
+        trainer, prompts = self.trainer, [r["prompt"] for r in self.records]
+        if trainer.is_world_process_zero():
+            if trainer.args.use_vllm:
+                if trainer.state.global_step != trainer._last_loaded_step:
+                    trainer.vllm_generation.sync_weights()
+                    trainer._last_loaded_step = trainer.state.global_step
+                completions = generate_vllm(trainer.vllm_generation.llm, prompts, self.p.eval.max_new_tokens)
+            else:
+                model, tokenizer = trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class
+                side, training = tokenizer.padding_side, model.training
+                model.eval()
+                try:
+                    completions = generate_hf(model, tokenizer, prompts, self.p.eval.batch_size,
+                                              self.p.eval.max_new_tokens)
+                finally:
+                    tokenizer.padding_side = side
+                    model.train(training)
+            _, metrics = score(self.records, completions)
+            row = {"step": step, "minutes": round(self.train_seconds / 60, 3),
+                   **{key: metrics[key] for key in CURVE_COLUMNS[2:]}}
+            self._write([*self._rows(), row])
+            print(f"step {step}: held-out accuracy {metrics['accuracy']:.1%} strict, "
+                  f"{metrics['accuracy_lenient']:.1%} lenient on {metrics['problems']} test problems", flush=True)
+        self.last_clock = time.perf_counter()
+
+    def _rows(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        header, *lines = self.path.read_text().splitlines()
+        return [dict(zip(header.split("\t"), line.split("\t"), strict=True)) for line in lines]
+
+    def _write(self, rows: list[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lines = ["\t".join(CURVE_COLUMNS), *("\t".join(str(row[c]) for c in CURVE_COLUMNS) for row in rows)]
+        self.path.write_text("\n".join(lines) + "\n")
+
+
 class Guards(TrainerCallback):
     """Stops on a non-finite loss or gradient norm before the next checkpoint, keeping the last good
     one, and reports a reward that scored every completion zero for ``patience`` logged steps."""

@@ -13,9 +13,11 @@ from pathlib import Path
 from grpo_gsm8k import config, modeling
 
 TRAIN_FILE = Path("data/prepared/train.jsonl")
+TEST_FILE = Path("data/prepared/test.jsonl")  # its first eval.during_training_problems: the held-out curve
 CHECKPOINTS = Path("checkpoints")
 ADAPTER = Path("models/adapter")
 LIVE = "reports/train"
+CURVE = Path("reports/train/eval_curve.tsv")
 OOM_ADVICE = ("CUDA ran out of memory. Lower train.per_device_train_batch_size (keep it a multiple of "
               "train.num_generations) and raise train.gradient_accumulation_steps to keep the batch, or lower "
               "train.max_completion_length or generation.vllm_gpu_memory_utilization; then rerun to resume.")
@@ -48,11 +50,15 @@ def train(p: config.Params, fresh: bool = False) -> dict:
     print(f"run {run_id}: " + (f"resuming from {checkpoint}" if checkpoint else "starting fresh"), flush=True)
 
     policy = modeling.load_policy(p)
+    curve = training.HeldOutCurve(p, read_jsonl(TEST_FILE)[: p.eval.during_training_problems], CURVE,
+                                  resume=checkpoint is not None)
     trainer = training.build_trainer(p, policy, dataset, str(CHECKPOINTS), callbacks=[
         training.CheckpointMarker(identity),
         training.MetricsLogger(LIVE, resume=checkpoint is not None),
         training.Guards(list(p.train.reward_weights)),
+        curve,
     ])
+    curve.bind(trainer)
     try:
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         training.require_all_steps(trainer.state.global_step, p.train.max_steps)
