@@ -5,10 +5,11 @@
   run    for every (recipe, seed): a git workspace holding this repository's files and params.yaml with
          the recipe's overrides, then dvc.yaml's own commands for prepare, evaluate_base, train and
          evaluate. evaluate_base is greedy and seed-independent, so it runs once and is copied. Runs go
-         in parallel processes (a 0.5B model leaves most of an H100 idle). With --hf-agreement, the base
-         is also evaluated with HF generate, to compare with vLLM problem by problem. Writes
-         <out>/summary.json: {"model", "runs": [{"recipe", "seed", "params", "train_minutes", "base",
-         "trained", "curves"}], "agreement"}.
+         in parallel processes (a 0.5B model leaves most of an H200 idle), their vLLM engines started
+         --stagger-s apart. With --hf-agreement, the base is also evaluated with HF generate, to compare
+         with vLLM problem by problem. Writes <out>/summary.json: {"model", "runs": [{"recipe", "seed",
+         "params", "train_minutes", "base", "trained", "curves", "heldout"}], "agreement"}; "heldout" is
+         the train stage's own held-out curve (reports/train/eval_curve.tsv).
 
 `run --tiny` is the CPU dry run (tests/test_real_model.py): the tiny model, the fixture rows, HF generate.
 """
@@ -35,6 +36,12 @@ from grpo_gsm8k import config, smoke, training  # noqa: E402
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json")
 # Recipes: params overrides on top of params.yaml, shared by every seed. LEARNING.md says why each exists.
 RECIPES = {
+    "defaults": {},  # params.yaml as shipped
+    # the learning-rate sweep at the defaults' batch (issue 26), grad clip stated so the names stay true
+    "lr5e-6": {"train.learning_rate": 5e-6, "train.max_grad_norm": 0.1},
+    "lr1e-5": {"train.learning_rate": 1e-5, "train.max_grad_norm": 0.1},
+    "lr2e-5": {"train.learning_rate": 2e-5, "train.max_grad_norm": 0.1},
+    "lr5e-5": {"train.learning_rate": 5e-5, "train.max_grad_norm": 0.1},
     "collapse": {"train.reward_weights": {"correctness": 2.0, "format": 0.5, "single_number": 0.5, "tag_count": 0.5},
                  "train.learning_rate": 5.0e-5},
     "correctness": {"train.reward_weights": {"correctness": 1.0}, "train.learning_rate": 2.0e-5},
@@ -141,24 +148,30 @@ def cmd_run(a) -> None:
 
     def train(key):
         # vLLM sizes its KV cache from the GPU memory that appears while it profiles, other processes' too:
-        # the engines start one by one, after the evaluations, each once the one before is up.
-        time.sleep(a.stagger_s * runs.index(key))
+        # the engines start one by one, --stagger-s apart, the base evaluation's first.
+        time.sleep(a.stagger_s * (runs.index(key) + 1))
         ws = spaces[key]
         run_stage(ws, "train", logs[key], port=29600 + runs.index(key))
 
     with ThreadPoolExecutor(max_workers=len(runs) + 2) as pool:
         base_job = pool.submit(base_eval)
         hf_job = pool.submit(hf_base_eval) if a.hf_agreement else None
+        train_jobs = [pool.submit(train, key) for key in runs]
         log(f"base: {base_job.result()}")
         hf_job and hf_job.result()
-        train_jobs = [pool.submit(train, key) for key in runs]
         for key, ws in spaces.items():
             if ws != first:
                 shutil.copytree(first / "reports/eval_base", ws / "reports/eval_base", dirs_exist_ok=True)
         for job in train_jobs:
             job.result()
-    for key in runs:  # one at a time: a vLLM engine starting beside another one's exit mis-measures memory
+
+    def evaluate(key):  # engines started apart, as for training: each sizes its KV cache alone
+        time.sleep(a.stagger_s * runs.index(key))
         run_stage(spaces[key], "evaluate", logs[key])
+
+    with ThreadPoolExecutor(max_workers=len(runs)) as pool:
+        for job in [pool.submit(evaluate, key) for key in runs]:
+            job.result()
     summarize(work, runs, out, a.model_label or str(model))
 
 
@@ -177,7 +190,8 @@ def summarize(work: Path, runs: list[tuple[str, int]], out: Path, model_label: s
                             "vllm_mode", "temperature", "max_completion_length")},
                         "train_minutes": round(train_metrics["train_runtime"] / 60, 2),
                         "base": metrics["base"], "trained": metrics["trained"], "delta": metrics["delta"],
-                        "curves": training.read_curves(ws / "reports/train", CURVES)})
+                        "curves": training.read_curves(ws / "reports/train", CURVES),
+                        "heldout": heldout_curve(ws / "reports/train/eval_curve.tsv")})
         log(f"{recipe} seed {seed}: {metrics['delta']}")
         keep_predictions(ws / "reports/eval/predictions.jsonl", out / f"{recipe}-s{seed}-eval.jsonl.gz")
     first = work / f"{runs[0][0]}-s{runs[0][1]}"
@@ -197,32 +211,41 @@ def summarize(work: Path, runs: list[tuple[str, int]], out: Path, model_label: s
     return summary
 
 
+def heldout_curve(tsv: Path) -> list[dict]:
+    header, *lines = tsv.read_text().splitlines()
+    return [{k: float(v) for k, v in zip(header.split("\t"), line.split("\t"), strict=True)} for line in lines]
+
+
 def plot(summary: dict, path: Path) -> None:
-    """Per run: total reward, correctness reward alone, format reward, completion length, and how far the
-    trainer's log-probabilities of vLLM's samples sit from vLLM's own (moving averages over 5 steps)."""
+    """Per run: the correctness and format rewards and the completion length (moving averages over 5 steps),
+    and the train stage's held-out strict and lenient accuracy; the legend gives each run's lr, grad clip,
+    seed and whole-test-set accuracies before and after."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from grpo_gsm8k.learning import _moving_average
+    from grpo_gsm8k.learning import _moving_average as moving_average
 
-    panels = [("reward", "total reward (weighted)"), ("rewards/correctness/mean", "correctness reward (fraction right)"),
-              ("rewards/format/mean", "format reward (batch_scaled runs)"), ("completions/mean_length", "mean completion tokens"),
-              ("sampling/sampling_logp_difference/mean", "|trainer - vLLM| log-prob per token")]
+    panels = [("rewards/correctness/mean", "correctness reward (fraction right)"),
+              ("rewards/format/mean", "format reward"), ("completions/mean_length", "mean completion tokens"),
+              ("accuracy", "held-out strict accuracy (train stage)"),
+              ("accuracy_lenient", "held-out lenient accuracy (train stage)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
     for i, r in enumerate(summary["runs"]):
-        t, b = r["trained"], r["base"]
-        model = r["params"]["model"]
-        backend = model["backend"] + (", 4-bit" if model["load_in_4bit"] else "")
-        label = (f"{r['recipe']} [{backend}] seed {r['seed']}: strict {b['accuracy']:.1%} -> {t['accuracy']:.1%}, "
+        t, b, train = r["trained"], r["base"], r["params"]["train"]
+        label = (f"{r['recipe']} (lr {train['learning_rate']:g}, clip {train['max_grad_norm']:g}) seed {r['seed']}: "
+                 f"strict {b['accuracy']:.1%} -> {t['accuracy']:.1%}, "
                  f"lenient {b['accuracy_lenient']:.1%} -> {t['accuracy_lenient']:.1%}")
-        solid = r["recipe"] == "batch_scaled" and model["backend"] == "transformers"
-        style = dict(color=f"C{i}", linestyle="-" if solid else "--", linewidth=1.3)
+        style = dict(color=f"C{i}", linestyle="-" if r["recipe"] == "defaults" else "--", linewidth=1.3)
         for ax, (key, title) in zip(axes, panels):
-            points = r["curves"].get(key)
-            if points:
-                ax.plot([step for step, _ in points], _moving_average([v for _, v in points], 5),
+            if key in r["curves"]:
+                points = r["curves"][key]
+                xs, ys = [step for step, _ in points], moving_average([v for _, v in points], 5)
+            else:
+                xs, ys = [row["step"] for row in r.get("heldout", [])], [row[key] for row in r.get("heldout", [])]
+            if xs:
+                ax.plot(xs, ys, marker="o" if key not in r["curves"] else None, markersize=3,
                         label=label if ax is axes[0] else None, **style)
             ax.set(title=title, xlabel="GRPO step")
     fig.legend(loc="lower center", ncol=2, fontsize=8, frameon=False)

@@ -40,6 +40,18 @@ def test_summary_holds_the_stages_own_metrics(dry_run):
     assert run["effective_grpo_config"]["scale_rewards"] == "batch" and run["effective_grpo_config"]["max_steps"] == 2
     assert 0 < run["train_minutes"] < 30
     assert [step for step, _ in run["curves"]["rewards/correctness/mean"]] == [1, 2]
+    # the train stage's held-out curve, as it wrote it: before training and at the last step (every 2)
+    assert [row["step"] for row in run["heldout"]] == [0, 2]
+    assert run["heldout"][0]["problems"] == 4 and 0 <= run["heldout"][-1]["accuracy_lenient"] <= 1
+
+
+def test_the_figure_draws_every_run(dry_run, tmp_path):
+    work, out, summary = dry_run
+    png = tmp_path / "curves.png"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/real_model.py"), "plot", "--summary", str(out / "summary.json"),
+                           "--png", str(png)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
 
 
 def test_predictions_and_engine_agreement_are_kept(dry_run):
