@@ -8,16 +8,18 @@
 #   no_checkpointing  model.gradient_checkpointing: false (micro-batches halved until they fit: --halve-on-oom)
 # Every step also records TRL's own sections: sync_weights (LoRA merge + weight push), vLLM.generate, each reward.
 # `sleep` (a second call, if the lease allows): vLLM's sleep mode alone and with both levers (an engine of its own).
-#   bash bench/speed_levers.sh [main|sleep]     results: $OUT/speed_levers/ (JSON + log)
+#   bash bench/speed_levers.sh [main|sleep|prepare]     results: $OUT/speed_levers/ (JSON + log)
 # Carry .carry/site.tgz and .carry/data; vLLM's chunks in /tmp/vacc from earlier calls of the same message
-# (shared/device/make-vllm-site.sh prints them). A warm machine keeps /tmp (vLLM, the stand-in).
+# (shared/device/make-vllm-site.sh prints them). A warm machine keeps /tmp (vLLM, the stand-in): building the
+# stand-in in a call before this one, e.g. `bash bench/speed_levers.sh prepare`, leaves this one ~70 s more.
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 mode=${1:-main}
 case $mode in
   main) configs=(today levers reuse_logprobs no_checkpointing) ;;
   sleep) configs=(sleep levers_sleep) ;;
-  *) echo "usage: $0 [main|sleep]" >&2; exit 2 ;;
+  prepare) configs=() ;;
+  *) echo "usage: $0 [main|sleep|prepare]" >&2; exit 2 ;;
 esac
 out=${OUT:-/tmp/out}/speed_levers
 mkdir -p "$out"
@@ -30,12 +32,15 @@ if [ ! -f /tmp/standin/config.json ]; then
   step "building the stand-in"
   python bench/bench_grpo.py build-standin --tokenizer /tmp/carry/data/tokenizer --out /tmp/standin > "$out/build.log" 2>&1
 fi
-# What is left of the call's 600 s, less 30 s to pack up; a config past its share stops after its current step
+[ "$mode" = prepare ] && { step "prepared: $(ls /tmp/standin | tr '\n' ' ')"; exit 0; }
+# What is left of the call's 600 s, less 30 s to pack up. Each later config keeps 85 s (its load and 4 steps take
+# 80-110 s; the first one also builds the engine, ~2 minutes in all, and 4 steps of 25 s); a config past its
+# share stops after its current step, and a timeout still writes what was measured (bench_grpo.py on_sigterm)
 left=$((570 - SECONDS))
 step "${configs[*]}: ${left}s left"
 timeout "$left" python bench/bench_grpo.py train --backend transformers --vllm --bf16 --completion 512 \
   --steps-big 4 --warmup 1 --halve-on-oom --configs "${configs[@]}" --data /tmp/carry/data/gsm8k \
-  --model /tmp/standin --budget-s $((left - 45)) --results-dir "$out" --out "train_speed_levers_$mode" \
+  --model /tmp/standin --budget-s $((left - 45)) --reserve-s 85 --results-dir "$out" --out "train_speed_levers_$mode" \
   > "$out/$mode.log" 2>&1
 step "bench: rc $?"
 grep "\[bench" "$out/$mode.log" | grep -E "config .*(summary|out of memory)|OOM|wrote|Error" | cut -c1-600
