@@ -19,7 +19,7 @@ MARKER = "grpo_gsm8k_checkpoint.json"  # written last into a checkpoint folder: 
 FINISHED = "FINISHED.json"  # written into the checkpoints folder when the run completed
 FRESH_ENV = "GRPO_FRESH"  # =1: discard the checkpoints of an unfinished run (one run; see fresh_requested)
 # Knobs that do not change what is trained, so a run may resume across them.
-# (reuse_training_logprobs: the same objective, computed once instead of twice; training.py, TrainingLogprobs)
+# (reuse_training_logprobs: the same objective, its old log-probs computed once, not twice: _reusing_training_logprobs)
 _RESUMABLE = {"save_steps", "save_total_limit", "logging_steps", "report_to", "reuse_training_logprobs"}
 
 
