@@ -190,7 +190,8 @@ def halved(bc: dict, num_generations: int) -> dict | None:
     pdb = bc["per_device_train_batch_size"] // 2
     if pdb < num_generations or pdb % num_generations or bc["per_device_train_batch_size"] % 2:
         return None
-    return {**bc, "per_device_train_batch_size": pdb, "gradient_accumulation_steps": bc["gradient_accumulation_steps"] * 2}
+    return {**bc, "per_device_train_batch_size": pdb,
+            "gradient_accumulation_steps": bc["gradient_accumulation_steps"] * 2}
 
 
 def share_vllm_engines() -> dict:
@@ -1037,7 +1038,8 @@ def cmd_report(a) -> None:
                       if e["summary"].get("sections_s_per_step")]
     if timed_sections:  # TRL's own timed sections (bench time_trl_sections), per timed step
         lines += ["", *_table_head("Where generation goes (TRL's timed sections, s per step)",
-                                   ["result", "config", "weight sync (LoRA merge + push)", "engine's generate (vLLM or HF)",
+                                   ["result", "config", "weight sync (LoRA merge + push)",
+                                    "engine's generate (vLLM or HF)",
                                     "rest of generation (TRL)", "rewards", "scoring + bookkeeping",
                                     "sampling logp diff mean", "IS ratio mean"])]
         for path, name, e in timed_sections:
@@ -1053,7 +1055,8 @@ def cmd_report(a) -> None:
             lines.append(f"| {path.stem.removeprefix('train_')} | {name} | {sync_s:.2f} | {engine_s:.2f} "
                          f"| {s['generate_s_per_step'] - sync_s - engine_s:.2f} | {rewards:.2f} "
                          f"| {s['rewards_and_bookkeeping_s_per_step'] - rewards:.2f} "
-                         f"| {'n/a' if diff is None else f'{diff:.4f}'} | {'n/a' if ratio is None else f'{ratio:.4f}'} |")
+                         f"| {'n/a' if diff is None else f'{diff:.4f}'} "
+                         f"| {'n/a' if ratio is None else f'{ratio:.4f}'} |")
     if trains:
         for path in trains:
             r = json.loads(path.read_text())
