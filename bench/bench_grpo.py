@@ -60,6 +60,22 @@ CONFIGS = {
     "p64": {"per_device_train_batch_size": 64, "gradient_accumulation_steps": 8},   # 64 prompts x 8
     "mb8": {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 32},   # 32 prompts x 8, micro-batches of 8
 }
+# Issue 27's speed levers at the defaults' batch, each alone and together, every one of them pinned (not read from
+# params.yaml) so that a result says what ran. "params": params.yaml keys by section; "trainer": GRPOConfig overrides.
+# "today": the defaults before issue 27 (TRL's scoring forward, gradient checkpointing on).
+_TODAY = {"train": {"reuse_training_logprobs": False}, "model": {"gradient_checkpointing": True}}
+LEVERS = {
+    "today": {"params": _TODAY},
+    "reuse_logprobs": {"params": {**_TODAY, "train": {"reuse_training_logprobs": True}}},
+    "no_checkpointing": {"params": {**_TODAY, "model": {"gradient_checkpointing": False}}},
+    "levers": {"params": {"train": {"reuse_training_logprobs": True}, "model": {"gradient_checkpointing": False}}},
+    # vLLM's sleep mode: its weights and KV cache released while training (an engine of its own: see
+    # share_vllm_engines), for gradient checkpointing off on a card that is too small without it
+    "sleep": {"params": _TODAY, "trainer": {"vllm_enable_sleep_mode": True}},
+    "levers_sleep": {"params": {"train": {"reuse_training_logprobs": True}, "model": {"gradient_checkpointing": False}},
+                     "trainer": {"vllm_enable_sleep_mode": True}},
+}
+CONFIGS.update(LEVERS)
 # How each engine is told to generate exactly L tokens (random weights never stop by themselves): HF
 # generate's GenerationConfig, vLLM's SamplingParams (TRL passes generation_kwargs into either).
 FORCE_KEY = {"hf": "min_new_tokens", "vllm": "min_tokens"}
@@ -158,13 +174,74 @@ def cmd_build_standin(a) -> None:
 
 
 def batch_config(p: config.Params, name: str, completion: int | None) -> dict:
-    spec = dict(CONFIGS[name])
+    spec = {k: v for k, v in CONFIGS[name].items() if k not in ("params", "trainer")}
     length = completion or spec.pop("completion", None) or p.train.max_completion_length
     spec.pop("completion", None)
     pdb = spec.get("per_device_train_batch_size", p.train.per_device_train_batch_size)
     ga = spec.get("gradient_accumulation_steps", p.train.gradient_accumulation_steps)
     return {"per_device_train_batch_size": pdb, "gradient_accumulation_steps": ga, "completion_tokens": length,
             "completions_per_step": pdb * ga, "prompts_per_step": pdb * ga // p.train.num_generations}
+
+
+def halved(bc: dict, num_generations: int) -> dict | None:
+    """The same completions per step in micro-batches half as large (twice the accumulation), or None when a half
+    would split a group. DAPO (the defaults' loss) sums token losses over the whole generation batch, so the
+    optimizer step is the same; only memory and speed change."""
+    pdb = bc["per_device_train_batch_size"] // 2
+    if pdb < num_generations or pdb % num_generations or bc["per_device_train_batch_size"] % 2:
+        return None
+    return {**bc, "per_device_train_batch_size": pdb,
+            "gradient_accumulation_steps": bc["gradient_accumulation_steps"] * 2}
+
+
+def share_vllm_engines() -> dict:
+    """One colocated vLLM engine per engine setting for the whole process, not one per config: an engine holds its
+    share of GPU memory until the process ends, and building one takes a minute or more. Each trainer still gets its
+    own VLLMGeneration (its model, tokenizer, sampling settings) around the shared engine, and its first step pushes
+    every weight of its own model into it (TRL's sync_weights), so no config sees another's weights."""
+    from trl.generation import vllm_generation
+    from trl.trainer import grpo_trainer
+
+    engines = {}
+
+    class SharedEngine(vllm_generation.VLLMGeneration):
+        def _init_vllm(self):
+            key = (self.mode, self.model.name_or_path, self.tensor_parallel_size, self.gpu_memory_utilization,
+                   self.max_model_length, self.max_num_seqs, self.enable_sleep_mode, self.model_impl)
+            if self.mode != "colocate" or key not in engines:
+                super()._init_vllm()
+                if self.mode == "colocate":
+                    engines[key] = self.llm
+                return
+            self.llm = engines[key]
+            self._llm_weights_sleeping = self.enable_sleep_mode  # a sleeping engine has dropped its weights
+
+    grpo_trainer.VLLMGeneration = SharedEngine
+    return engines
+
+
+def time_trl_sections(holder: dict) -> None:
+    """Every section TRL's GRPOTrainer times with profiling_context (sync_weights, vLLM.generate, transformers.generate,
+    each reward function) added into the current timer as section_<name>_s, CUDA synchronised: where generation goes."""
+    from contextlib import contextmanager
+
+    from trl.trainer import grpo_trainer
+
+    original = grpo_trainer.profiling_context
+
+    @contextmanager
+    def timed(trainer, name):
+        sync()
+        start = time.perf_counter()
+        with original(trainer, name):
+            yield
+        sync()
+        timer = holder.get("timer")
+        if timer is not None:
+            key = "section_" + re.sub(r"[^A-Za-z0-9]+", "_", name) + "_s"
+            timer.parts[key] = timer.parts.get(key, 0.0) + time.perf_counter() - start
+
+    grpo_trainer.profiling_context = timed
 
 
 def make_timer(deadline: float):
@@ -235,7 +312,9 @@ def summarise(steps: list[dict], warmup: int = 1) -> dict:
     gen = sum(s.get("generate_s", 0.0) for s in timed)
     score = sum(s.get("generate_and_score_s", 0.0) for s in timed)
     each = sorted(s["seconds"] for s in timed)
+    sections = sorted({k for s in timed for k in s if k.startswith("section_")})
     return {"timed_steps": len(timed), "seconds_per_step": round(secs / len(timed), 2),
+            "sections_s_per_step": {k: round(sum(s.get(k, 0.0) for s in timed) / len(timed), 3) for k in sections},
             "seconds_per_step_median": round(statistics.median(each), 2), "seconds_min_max": [each[0], each[-1]],
             "completion_tokens_per_s": round(toks / secs, 1) if secs else None,
             "generate_share": round(gen / secs, 3) if secs else None,
@@ -336,7 +415,7 @@ def perturb_lora_b(model, std: float, seed: int) -> int:
 
 
 def cmd_train(a) -> None:
-    p = config.load(ROOT / "params.yaml")
+    p = config.load(a.params)
     p = replace(p, model={"name": str(Path(a.model).resolve()), "backend": a.backend, "load_in_4bit": not a.bf16},
                 generation={"use_vllm": a.vllm, "vllm_mode": "colocate",
                             **({"vllm_gpu_memory_utilization": a.gpu_memory} if a.gpu_memory else {})})
@@ -404,59 +483,97 @@ def cmd_train(a) -> None:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     policy = None
+    if a.vllm and a.backend == "transformers":
+        share_vllm_engines()
+    sections = {}  # the timer that TRL's timed sections report into
+    time_trl_sections(sections)
+    fitted = {}  # gradient checkpointing on/off -> the largest micro-batch that trained without running out of memory
     for i, name in enumerate(a.configs):
         bc = batch_config(p, name, a.completion)
-        q = replace(p, train={"per_device_train_batch_size": bc["per_device_train_batch_size"],
-                              "gradient_accumulation_steps": bc["gradient_accumulation_steps"],
-                              "max_steps": a.steps if name == "reference" else a.steps_big,
-                              "max_completion_length": bc["completion_tokens"], "save_steps": 10**6})
+        spec = CONFIGS[name]
+        base = replace(p, **spec.get("params", {}))
+        checkpointing = base.model.gradient_checkpointing
+        if a.halve_on_oom:  # start from what fitted before at this setting, not from an OOM already seen
+            while checkpointing in fitted and bc["per_device_train_batch_size"] > fitted[checkpointing]:
+                bc = halved(bc, p.train.num_generations)
+        started_at = bc["per_device_train_batch_size"]
         left = len(a.configs) - i
         if a.reserve_s:  # keep a fixed reserve for each config still to come
             deadline = deadline_all - a.reserve_s * (left - 1)
         else:  # split what is left equally
             deadline = min(deadline_all, time.time() + max(30.0, (deadline_all - time.time()) / left))
-        log(f"config {name}: {bc}, max_steps {q.train.max_steps}, budget {deadline - time.time():.0f}s")
-        set_seed(q.train.seed)
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        t_load = time.perf_counter()
-        if policy is None or a.backend != "unsloth":  # unsloth's policy is a loaded model: reuse it
-            policy = modeling.load_policy(q)
-        timer = make_timer(deadline)
-        trainer = training.build_trainer(q, policy, dataset, f"/tmp/bench_{a.backend}_{name}", callbacks=[timer],
-                                         generation_kwargs={FORCE_KEY[engine]: bc["completion_tokens"]},
-                                         save_strategy="no", **overrides)
-        load_s = time.perf_counter() - t_load
-        wrapped = {m: wrap_timed(trainer, timer, m, k, lengths=(k == "generate_s"))
-                   for m, k in (("_generate_single_turn", "generate_s"),
-                                ("_generate_and_score_completions", "generate_and_score_s"))}
-        wrap_micro_batches(trainer, timer)
-        if a.fake_generate:
-            fake_generate(trainer.model, trainer.processing_class, bc["completion_tokens"])
-        gen_cfg = getattr(trainer, "generation_config", None)
-        entry = {"batch": bc, "load_and_build_s": round(load_s, 1), "wrapped": wrapped,
-                 "min_new_tokens_in_generation_config": getattr(gen_cfg, "min_new_tokens", None),
-                 "max_new_tokens_in_generation_config": getattr(gen_cfg, "max_new_tokens", None),
-                 "unsloth_gradient_checkpointing": getattr(policy.model, "_unsloth_gradient_checkpointing", None),
-                 "unsloth_vllm_max_num_seqs": getattr(getattr(policy.model, "vllm_engine", None),
-                                                      "approx_max_num_seqs", None),
-                 "effective_args": {k: getattr(trainer.args, k, None) for k in (
-                     "per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
-                     "generation_batch_size", "num_generations", "max_completion_length", "beta", "loss_type",
-                     "gradient_checkpointing", "optim", "bf16", "cache_implementation", "generation_kwargs",
-                     "use_vllm", "vllm_importance_sampling_correction", "unsloth_num_chunks",
-                     "unsloth_logit_chunk_multiplier", "unsloth_grpo_mini_batch")}}
-        log(f"built trainer in {load_s:.1f}s; args {entry['effective_args']}")
-        current.update(name=name, entry=entry, timer=timer, bc=bc, trainer=trainer, t0=time.time())
-        if a.log_recompiles:  # here, after Unsloth's import and load: they set every torch log to CRITICAL
-            torch._logging.set_logs(recompiles=True)
-        try:
-            trainer.train()
-        except torch.OutOfMemoryError as err:
-            entry["error"] = f"OOM: {err}"[:500]
-            log(entry["error"])
+        out_of_memory = []  # micro-batch sizes that ran out of memory before this one
+        while True:
+            q = replace(base, train={"per_device_train_batch_size": bc["per_device_train_batch_size"],
+                                     "gradient_accumulation_steps": bc["gradient_accumulation_steps"],
+                                     "max_steps": a.steps if name == "reference" else a.steps_big,
+                                     "max_completion_length": bc["completion_tokens"], "save_steps": 10**6})
+            log(f"config {name}: {bc}, max_steps {q.train.max_steps}, budget {deadline - time.time():.0f}s")
+            set_seed(q.train.seed)
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            t_load = time.perf_counter()
+            if policy is None or a.backend != "unsloth":  # unsloth's policy is a loaded model: reuse it
+                policy = modeling.load_policy(q)
+            timer = make_timer(deadline)
+            sections["timer"] = timer
+            trainer = training.build_trainer(q, policy, dataset, f"/tmp/bench_{a.backend}_{name}", callbacks=[timer],
+                                             generation_kwargs={FORCE_KEY[engine]: bc["completion_tokens"]},
+                                             save_strategy="no", **{**spec.get("trainer", {}), **overrides})
+            load_s = time.perf_counter() - t_load
+            wrapped = {m: wrap_timed(trainer, timer, m, k, lengths=(k == "generate_s"))
+                       for m, k in (("_generate_single_turn", "generate_s"),
+                                    ("_generate_and_score_completions", "generate_and_score_s"))}
+            wrap_micro_batches(trainer, timer)
+            if a.fake_generate:
+                fake_generate(trainer.model, trainer.processing_class, bc["completion_tokens"])
+            gen_cfg = getattr(trainer, "generation_config", None)
+            entry = {"batch": bc, "load_and_build_s": round(load_s, 1), "wrapped": wrapped,
+                     "params": spec.get("params", {}), "trainer_config": spec.get("trainer", {}),
+                     "out_of_memory_at_micro_batch": out_of_memory,  # this config's own attempts
+                     "started_at_micro_batch": started_at,  # smaller than the config's: an earlier config's OOM
+                     "trainer_class": type(trainer).__name__,
+                     "min_new_tokens_in_generation_config": getattr(gen_cfg, "min_new_tokens", None),
+                     "max_new_tokens_in_generation_config": getattr(gen_cfg, "max_new_tokens", None),
+                     "unsloth_gradient_checkpointing": getattr(policy.model, "_unsloth_gradient_checkpointing", None),
+                     "unsloth_vllm_max_num_seqs": getattr(getattr(policy.model, "vllm_engine", None),
+                                                          "approx_max_num_seqs", None),
+                     "effective_args": {k: getattr(trainer.args, k, None) for k in (
+                         "per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
+                         "generation_batch_size", "num_generations", "max_completion_length", "beta", "loss_type",
+                         "gradient_checkpointing", "optim", "bf16", "cache_implementation", "generation_kwargs",
+                         "use_vllm", "vllm_importance_sampling_correction", "vllm_importance_sampling_mode",
+                         "vllm_enable_sleep_mode", "vllm_gpu_memory_utilization", "num_iterations",
+                         "unsloth_num_chunks", "unsloth_logit_chunk_multiplier", "unsloth_grpo_mini_batch")}}
+            log(f"built trainer in {load_s:.1f}s; args {entry['effective_args']}")
+            current.update(name=name, entry=entry, timer=timer, bc=bc, trainer=trainer, t0=time.time())
+            if a.log_recompiles:  # here, after Unsloth's import and load: they set every torch log to CRITICAL
+                torch._logging.set_logs(recompiles=True)
+            oom = False
+            try:
+                trainer.train()
+            except torch.OutOfMemoryError as err:
+                entry["error"] = f"OOM: {err}"[:500]
+                log(entry["error"])
+                oom = True
+            smaller = halved(bc, p.train.num_generations) if oom and a.halve_on_oom else None
+            if smaller is None or time.time() > deadline:
+                break
+            out_of_memory.append(bc["per_device_train_batch_size"])
+            log(f"config {name}: out of memory at micro-batch {bc['per_device_train_batch_size']}; again at "
+                f"{smaller['per_device_train_batch_size']}")
+            current.clear()
+            sections["timer"] = None
+            del trainer, timer
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            bc = smaller
+        if "error" not in entry:
+            fitted[checkpointing] = bc["per_device_train_batch_size"]
         progress(entry, timer, bc)
         current.clear()
+        sections["timer"] = None
         entry["trl_logs"] = [{k: v for k, v in row.items() if k.startswith(("completions/", "step_time", "loss", "sampling/", "entropy",
                                                                           "grad_norm", "reward", "num_tokens"))}
                              for row in trainer.state.log_history]
@@ -917,6 +1034,29 @@ def cmd_report(a) -> None:
                 f"| {s['generate_s_per_step']} / {s['rewards_and_bookkeeping_s_per_step']} / {s['train_s_per_step']} "
                 f"| {m.get('peak_allocated_gib', 'n/a')} / {m.get('peak_reserved_gib', 'n/a')} "
                 f"| {fl_txt} | {fl_tok} | {gap} |")
+    timed_sections = [(path, name, e) for path in trains for name, e in json.loads(path.read_text())["configs"].items()
+                      if e["summary"].get("sections_s_per_step")]
+    if timed_sections:  # TRL's own timed sections (bench time_trl_sections), per timed step
+        lines += ["", *_table_head("Where generation goes (TRL's timed sections, s per step)",
+                                   ["result", "config", "weight sync (LoRA merge + push)",
+                                    "engine's generate (vLLM or HF)",
+                                    "rest of generation (TRL)", "rewards", "scoring + bookkeeping",
+                                    "sampling logp diff mean", "IS ratio mean"])]
+        for path, name, e in timed_sections:
+            s, sec = e["summary"], e["summary"]["sections_s_per_step"]
+            sync_s, vllm_s = sec.get("section_sync_weights_s", 0.0), sec.get("section_vLLM_generate_s", 0.0)
+            engine_s = vllm_s or sec.get("section_transformers_generate_s", 0.0)
+            rewards = sum(v for k, v in sec.items() if k not in (
+                "section_sync_weights_s", "section_vLLM_generate_s", "section_transformers_generate_s"))
+            rows = [row for row in e.get("trl_logs", [])
+                    if "sampling/importance_sampling_ratio/mean" in row][-s["timed_steps"]:]
+            diff = statistics.mean(row["sampling/sampling_logp_difference/mean"] for row in rows) if rows else None
+            ratio = statistics.mean(row["sampling/importance_sampling_ratio/mean"] for row in rows) if rows else None
+            lines.append(f"| {path.stem.removeprefix('train_')} | {name} | {sync_s:.2f} | {engine_s:.2f} "
+                         f"| {s['generate_s_per_step'] - sync_s - engine_s:.2f} | {rewards:.2f} "
+                         f"| {s['rewards_and_bookkeeping_s_per_step'] - rewards:.2f} "
+                         f"| {'n/a' if diff is None else f'{diff:.4f}'} "
+                         f"| {'n/a' if ratio is None else f'{ratio:.4f}'} |")
     if trains:
         for path in trains:
             r = json.loads(path.read_text())
@@ -981,6 +1121,7 @@ def main() -> None:
     b.add_argument("--tiny", action="store_true")
     t = sub.add_parser("train")
     t.add_argument("--backend", choices=("unsloth", "transformers"), required=True)
+    t.add_argument("--params", default=str(ROOT / "params.yaml"), help="the params each config starts from")
     t.add_argument("--model", default="/tmp/standin")
     t.add_argument("--data", default=".carry/gsm8k")
     t.add_argument("--configs", nargs="+", default=["reference", "defaults"], choices=sorted(CONFIGS))
@@ -1006,6 +1147,8 @@ def main() -> None:
                    help="leave vLLM's max_num_seqs to Unsloth's pick from free memory (the project passes the batch)")
     t.add_argument("--trainer-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="a GRPOConfig override, e.g. unsloth_logit_chunk_multiplier=1 (repeatable)")
+    t.add_argument("--halve-on-oom", action="store_true",
+                   help="a config that runs out of memory runs again in micro-batches half as large (same step)")
     t.add_argument("--log-recompiles", action="store_true", help="torch's recompiles log (Unsloth silences it)")
     t.add_argument("--stack-every", type=float, default=0, help="dump every thread's stack every S seconds")
     d = sub.add_parser("diagnose", help="issue 15: Unsloth's training path, one process per attempt")

@@ -157,6 +157,7 @@ class TrainConfig(_Section):
     epsilon_high: float = Field(gt=0, lt=1, description="the policy ratio is clipped above 1 + epsilon_high")
     scale_rewards: Literal["group", "batch", "none"]
     mask_truncated_completions: bool
+    reuse_training_logprobs: bool
     logging_steps: Int = Field(gt=0)
     save_steps: Int = Field(gt=0)
     save_total_limit: Int = Field(gt=0)

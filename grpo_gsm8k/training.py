@@ -19,7 +19,8 @@ MARKER = "grpo_gsm8k_checkpoint.json"  # written last into a checkpoint folder: 
 FINISHED = "FINISHED.json"  # written into the checkpoints folder when the run completed
 FRESH_ENV = "GRPO_FRESH"  # =1: discard the checkpoints of an unfinished run (one run; see fresh_requested)
 # Knobs that do not change what is trained, so a run may resume across them.
-_RESUMABLE = {"save_steps", "save_total_limit", "logging_steps", "report_to"}
+# (reuse_training_logprobs: the same objective, its old log-probs computed once, not twice: _reusing_training_logprobs)
+_RESUMABLE = {"save_steps", "save_total_limit", "logging_steps", "report_to", "reuse_training_logprobs"}
 
 
 class TrainingStopped(RuntimeError):
@@ -104,7 +105,10 @@ def build_trainer(p: Params, policy, dataset, output_dir: str, callbacks=(), rew
 
     cpu_logprob.install_if_needed()
     args = grpo_args(p, output_dir, cuda_available(), model_init_kwargs=policy.model_init_kwargs, **arg_overrides)
-    return _resumable(GRPOTrainer)(
+    trainer_cls = _resumable(GRPOTrainer)
+    if p.train.reuse_training_logprobs and p.model.backend == "transformers":  # Unsloth has its own loss
+        trainer_cls = _reusing_training_logprobs(trainer_cls)
+    return trainer_cls(
         model=policy.model,
         reward_funcs=reward_funcs_override or reward_funcs(p),
         args=args,
@@ -129,6 +133,127 @@ def _resumable(trainer_cls):
             return _PassSeededSampler(super()._get_train_sampler(dataset))
 
     return ResumableGRPOTrainer
+
+
+def _reusing_training_logprobs(trainer_cls):
+    """``trainer_cls`` (TRL's GRPOTrainer) without its second forward pass over each generation batch.
+
+    With vLLM's importance-sampling correction on, TRL 1.15 runs a no-grad forward over every completion
+    for the log-probs of the policy that sampled them (trl/trainer/grpo_trainer.py:2568-2581), then the
+    vLLM ratio exp(those - vLLM's log-probs) (2586-2633) and its ``sampling/*`` metrics (2786-2821). When
+    each generation batch is trained within one optimizer step (num_iterations 1, gradient_accumulation_steps
+    a multiple of steps_per_generation: TRL's own test at 2569), the parameters do not change between
+    generation and the loss, so those log-probs are the training forward's own, detached: TRL then uses
+    ``per_token_logps.detach()`` as the old log-probs already (2991-2992). Here the vLLM ratio and its
+    metrics come from that same forward, one micro-batch at a time, and the metrics are logged once per
+    generation batch over all of its tokens, as TRL logs them (the approach of trl PR 5413). Under any
+    other setting TRL's own path runs unchanged."""
+
+    class TrainingLogprobsGRPOTrainer(trainer_cls):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._sampling_stats = {}  # mode -> _SamplingStats of the generation batch being trained
+            self._ratio_pending = None  # the micro-batch whose policy forward is running
+
+        def _reuses_training_logprobs(self) -> bool:
+            args = self.args
+            return (self.use_vllm and self.vllm_importance_sampling_correction and self.num_iterations == 1
+                    and args.gradient_accumulation_steps % args.steps_per_generation == 0)
+
+        def _generate_and_score_completions(self, inputs):
+            if not self._reuses_training_logprobs():
+                return super()._generate_and_score_completions(inputs)
+            self.vllm_importance_sampling_correction = False  # TRL skips its scoring forward and the ratio
+            try:
+                output = super()._generate_and_score_completions(inputs)
+            finally:
+                self.vllm_importance_sampling_correction = True
+            mode = "train" if self.model.training else "eval"
+            self._sampling_stats[mode] = _SamplingStats(len(output["completion_ids"]))
+            return output
+
+        def _compute_loss(self, model, inputs):
+            if "importance_sampling_ratio" in inputs or "sampling_per_token_logps" not in inputs:
+                return super()._compute_loss(model, inputs)  # TRL's own path made the ratio (or there is none)
+            self._ratio_pending = inputs = dict(inputs)  # the ratio goes into this micro-batch's copy
+            try:
+                return super()._compute_loss(model, inputs)
+            finally:
+                self._ratio_pending = None
+
+        def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+            out = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+            inputs, self._ratio_pending = self._ratio_pending, None
+            if inputs is not None:  # the policy forward of _compute_loss, before anything reads the ratio
+                inputs["importance_sampling_ratio"] = self._vllm_ratio(out[0].detach(), inputs)
+            return out
+
+        def _vllm_ratio(self, logps, inputs):
+            """TRL's vLLM importance-sampling ratio (grpo_trainer.py:2586-2633), from ``logps``."""
+            import torch
+
+            mask = inputs["completion_mask"] if "tool_mask" not in inputs else (
+                inputs["completion_mask"] * inputs["tool_mask"])
+            sampling = inputs["sampling_per_token_logps"]
+            diff = torch.nan_to_num((logps - sampling) * mask, nan=0.0)  # a token vLLM could not score: ratio 1
+            mode_name = self.vllm_importance_sampling_mode
+            sequence_level = mode_name in ("sequence_mask", "sequence_truncate")
+            ratio = torch.exp(diff.sum(dim=-1, keepdim=True) if sequence_level else diff)
+            low, high = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+            if mode_name in ("sequence_truncate", "token_truncate"):
+                ratio = torch.clamp(ratio, min=low, max=high)
+            elif mode_name in ("sequence_mask", "token_mask"):
+                low = -math.inf if low is None else low
+                high = math.inf if high is None else high
+                ratio = ratio.masked_fill((ratio < low) | (ratio > high), value=0.0)
+            else:
+                raise ValueError(f"unknown vllm_importance_sampling_mode {mode_name!r}")
+            mode = "train" if self.model.training else "eval"
+            stats = self._sampling_stats[mode]
+            delta = torch.abs(logps - sampling)
+            delta = delta[mask.bool() & ~torch.isnan(delta)]
+            stats.add(len(logps), delta, ratio.flatten() if sequence_level else ratio[mask.bool()])
+            if stats.complete():
+                stats.log(self, mode)
+            return ratio
+
+    return TrainingLogprobsGRPOTrainer
+
+
+class _SamplingStats:
+    """TRL's ``sampling/*`` metrics of one generation batch (grpo_trainer.py:2786-2821), gathered one
+    micro-batch at a time: the logged values are those of the whole batch, as TRL computes them."""
+
+    def __init__(self, rows: int):
+        self.rows, self.seen = rows, 0
+        self.delta, self.ratio = [], []
+
+    def add(self, rows: int, delta, ratio) -> None:
+        self.seen += rows
+        self.delta.append(delta)
+        self.ratio.append(ratio)
+
+    def complete(self) -> bool:
+        return self.seen >= self.rows
+
+    def log(self, trainer, mode: str) -> None:
+        import torch
+        from trl.trainer.utils import nanmax, nanmin
+
+        device = trainer.accelerator.device
+        gather, metrics = trainer.accelerator.gather, trainer._metrics[mode]
+        zero = torch.tensor(0.0, device=device)
+        delta, ratio = torch.cat(self.delta), torch.cat(self.ratio)
+        metrics["sampling/sampling_logp_difference/mean"].append(
+            gather(delta.mean() if delta.numel() else zero).mean().item())
+        metrics["sampling/sampling_logp_difference/max"].append(
+            gather(delta.max() if delta.numel() else zero).max().item())
+        metrics["sampling/importance_sampling_ratio/min"].append(
+            nanmin(gather(ratio.min() if ratio.numel() else zero)).item())
+        metrics["sampling/importance_sampling_ratio/mean"].append(
+            gather(ratio.mean() if ratio.numel() else zero).nanmean().item())
+        metrics["sampling/importance_sampling_ratio/max"].append(
+            nanmax(gather(ratio.max() if ratio.numel() else zero)).item())
 
 
 class _PassSeededSampler:
