@@ -6,6 +6,9 @@
 # and 1. What the shared GPU and the device budget force, and nothing else: 30 steps (the cosine schedule keeps
 # its shape), micro-batches of 8 x 32 accumulation steps (the same 256 completions a step, one loss normalised
 # over the whole batch), a vLLM share of 0.08 each. Evaluation: all 1,319 test problems, greedy.
+# Seen on 2026-12-03 (the run was lost with the machine after 6 minutes): GGUF to bf16 58 s, six runs at
+# 29-36 s a step each, so about 17 minutes of training; budget about 24 minutes from the first call, and send
+# each polling call (bench/device_wait.sh) at once: the machine goes back 30 s after a call ends.
 set -u
 out=${1:-/tmp/b26}
 mkdir -p "$out"
@@ -15,7 +18,7 @@ step() { echo "[session $(date +%T)] $*"; }
 step "real model built: $(ls /tmp/coder05 | tr '\n' ' ')"
 python bench/real_model.py run --model /tmp/coder05 --data /tmp/carry/data/gsm8k --work /tmp/sweep --out "$out/sweep" \
   --model-label "Qwen/Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, dequantized to bf16)" \
-  --runs lr5e-6:3407 lr1e-5:3407 lr2e-5:3407 lr5e-5:3407 defaults:3407 defaults:1 --stagger-s 30 \
+  --runs lr5e-6:3407 lr1e-5:3407 lr2e-5:3407 lr5e-5:3407 defaults:3407 defaults:1 --stagger-s 30 --eval-stagger-s 12 \
   --set train.max_steps=30 train.per_device_train_batch_size=8 train.gradient_accumulation_steps=32 \
     generation.vllm_gpu_memory_utilization=0.08 > "$out/run.log" 2>&1
 step "real_model run: rc $?"

@@ -131,9 +131,11 @@ def cmd_run(a) -> None:
         spaces[recipe, seed] = smoke.bench_workspace(work / f"{recipe}-s{seed}", params)
     first = spaces[runs[0]]
     logs = {key: out / f"{key[0]}-s{key[1]}.log" for key in runs}
-    for key, ws in spaces.items():
+    for key in runs:
         logs[key].write_text("")
-        run_stage(ws, "prepare", logs[key])
+    with ThreadPoolExecutor(max_workers=len(runs)) as pool:  # CPU only: 6 in a row took minutes on real GSM8K
+        for job in [pool.submit(run_stage, spaces[key], "prepare", logs[key]) for key in runs]:
+            job.result()
 
     def base_eval():
         run_stage(first, "evaluate_base", logs[runs[0]])
@@ -166,7 +168,7 @@ def cmd_run(a) -> None:
             job.result()
 
     def evaluate(key):  # engines started apart, as for training: each sizes its KV cache alone
-        time.sleep(a.stagger_s * runs.index(key))
+        time.sleep(a.eval_stagger_s * runs.index(key))
         run_stage(spaces[key], "evaluate", logs[key])
 
     with ThreadPoolExecutor(max_workers=len(runs)) as pool:
@@ -270,6 +272,8 @@ def main() -> None:
     r.add_argument("--set", nargs="*", default=[], help="more params overrides, e.g. train.max_steps=60")
     r.add_argument("--hf-agreement", action="store_true", help="also evaluate the base with HF generate")
     r.add_argument("--stagger-s", type=float, default=0, help="seconds between the starts of parallel runs")
+    r.add_argument("--eval-stagger-s", type=float, default=0,
+                   help="seconds between the starts of the evaluations (their engines profile memory faster)")
     r.add_argument("--tiny", action="store_true", help="CPU dry run: tiny model, fixture rows, tiny profile")
     r.add_argument("--work", default="/tmp/real_model")
     r.add_argument("--out", default=str(ROOT / "bench/results/real_model"))
