@@ -182,3 +182,36 @@ def test_the_marker_lists_every_file_with_its_size_and_hash(tmp_path):
         p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
         for p in sorted(folder.iterdir()) if p.name != training.MARKER}
     assert not list(folder.glob(".*"))  # the marker was written beside, then renamed: no leftover
+
+
+def test_under_two_processes_both_fall_back_alike_and_rank_zero_alone_moves_the_damaged_one(tmp_path):
+    import subprocess
+    import textwrap
+
+    ckpts = tmp_path / "checkpoints"
+    write_checkpoint(ckpts, 4)
+    adapter = write_checkpoint(ckpts, 6) / "adapter_model.safetensors"
+    size = adapter.stat().st_size
+    adapter.write_bytes(b"")
+    rank_script = tmp_path / "rank.py"
+    rank_script.write_text(textwrap.dedent(f"""\
+        import sys, time
+        from pathlib import Path
+        import torch.distributed as dist
+        from grpo_gsm8k import training
+        rank = int(sys.argv[1])
+        dist.init_process_group("gloo", init_method="file://{tmp_path / 'rendezvous'}", rank=rank, world_size=2)
+        if rank == 1:
+            time.sleep(1.5)  # the slower process must still find the damaged checkpoint where it was
+        print(training.resume_checkpoint(Path("{ckpts}"), {{"run_hash": "x"}}))
+        dist.destroy_process_group()
+        """))
+    ranks = [subprocess.Popen([sys.executable, str(rank_script), str(r)], cwd=Path(__file__).parent.parent,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    (out0, err0), (out1, err1) = (p.communicate(timeout=120) for p in ranks)
+    assert [p.returncode for p in ranks] == [0, 0], err0 + err1
+    assert out0.splitlines() == [f"warning: {adapter} is 0 bytes, its marker says {size}; resuming from step 4, the checkpoint(s) passed over moved to {ckpts}/unverified/",
+                                 str(ckpts / "checkpoint-4")]
+    assert out1.splitlines() == [str(ckpts / "checkpoint-4")]
+    assert sorted(p.name for p in ckpts.glob("checkpoint-*")) == ["checkpoint-4"]
+    assert (ckpts / training.UNVERIFIED / "checkpoint-6/adapter_model.safetensors").read_bytes() == b""
