@@ -12,10 +12,12 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from . import checkpoint_integrity
 from .config import ConfigError, Params, UserError, as_dict
 from .rewards import REWARD_FUNCS
 
-MARKER = "grpo_gsm8k_checkpoint.json"  # written last into a checkpoint folder: it is complete
+MARKER = "grpo_gsm8k_checkpoint.json"  # written last into a checkpoint folder: it is complete, with these files
+UNVERIFIED = "unverified"  # the checkpoints folder's subfolder for checkpoints a resume found damaged
 FINISHED = "FINISHED.json"  # written into the checkpoints folder when the run completed
 FRESH_ENV = "GRPO_FRESH"  # =1: discard the checkpoints of an unfinished run (one run; see fresh_requested)
 # Knobs that do not change what is trained, so a run may resume across them.
@@ -316,11 +318,19 @@ def fresh_requested(flag: bool) -> bool:
 
 def complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path, dict]]:
     """(step, folder, marker) of every checkpoint whose marker says it is complete, oldest first."""
+    return [(step, path, marker) for step, path, marker in _checkpoint_folders(ckpt_dir) if marker is not None]
+
+
+def _checkpoint_folders(ckpt_dir: Path) -> list[tuple[int, Path, dict | None]]:
+    """(step, folder, marker or None) of every checkpoint folder, oldest first; an unreadable marker is none."""
     found = []
     for path in ckpt_dir.glob("checkpoint-*"):
-        marker = path / MARKER
-        if marker.is_file():
-            found.append((int(path.name.split("-")[-1]), path, json.loads(marker.read_text())))
+        if path.is_dir() and path.name.split("-")[-1].isdigit():
+            try:
+                marker = json.loads((path / MARKER).read_text())
+            except (OSError, ValueError):  # none, or cut short (killed while writing it, an interrupted copy)
+                marker = None
+            found.append((int(path.name.split("-")[-1]), path, marker))
     return sorted(found, key=lambda item: item[0])
 
 
@@ -331,35 +341,74 @@ def resume_checkpoint(ckpt_dir: Path, identity: dict, fresh: bool = False) -> Pa
     unfinished run with other params or data is refused unless ``fresh``, since discarding it could
     throw away hours of GPU time. Under several processes (process group initialized) every one decides
     from the same files, then rank 0 alone deletes them.
+
+    A checkpoint is resumed only if its files are still those its marker lists (``_newest_that_verifies``).
     """
-    checkpoint, discard = _resume_decision(ckpt_dir, identity, fresh)
+    checkpoint, discard, rejected = _resume_decision(ckpt_dir, identity, fresh)
     if discard:
         _on_rank_zero_after_everyone_decided(lambda: shutil.rmtree(ckpt_dir))
+    elif rejected:
+        _on_rank_zero_after_everyone_decided(lambda: _set_aside(ckpt_dir, rejected))
     return checkpoint
 
 
-def _resume_decision(ckpt_dir: Path, identity: dict, fresh: bool) -> tuple[Path | None, bool]:
-    """(checkpoint to resume or None, whether ckpt_dir is to be deleted); reads, changes nothing."""
+def _resume_decision(ckpt_dir: Path, identity: dict, fresh: bool) -> tuple[Path | None, bool, list[Path]]:
+    """(checkpoint to resume or None, whether ckpt_dir is to be deleted, damaged checkpoints newer than the
+    one resumed); reads, changes nothing."""
     if not ckpt_dir.exists():
-        return None, False
+        return None, False, []
     if (ckpt_dir / FINISHED).exists():
-        return None, True
+        return None, True, []
     complete = complete_checkpoints(ckpt_dir)
     if fresh:
         newest = f"newest complete checkpoint: step {complete[-1][0]}" if complete else "no complete checkpoint"
         if _rank() == 0:
             print(f"warning: starting fresh as asked: deleting {ckpt_dir}/ ({newest})", flush=True)
-        return None, True
-    matching = [path for _, path, info in complete if info.get("run_hash") == identity["run_hash"]]
-    if matching:
-        return matching[-1], False
-    if complete:
+        return None, True, []
+    if complete and not any(info.get("run_hash") == identity["run_hash"] for _, _, info in complete):
         step, _, info = complete[-1]
         raise ConfigError(
             f"{ckpt_dir}/ holds an unfinished run (newest checkpoint: step {step}) that differs from this one in "
             f"{'; '.join(_differences(info, identity))}. Restore them to resume it, or discard it with "
             f"`{FRESH_ENV}=1 dvc repro train` (or `python stages/train.py --fresh`).")
-    return None, True  # only incomplete checkpoints: nothing worth keeping
+    if not _checkpoint_folders(ckpt_dir):
+        return None, True, []  # no checkpoint folder: nothing worth keeping
+    return _newest_that_verifies(ckpt_dir, identity["run_hash"])
+
+
+def _newest_that_verifies(ckpt_dir: Path, run_hash: str) -> tuple[Path, bool, list[Path]]:
+    """The newest checkpoint of run ``run_hash`` whose files are those its marker lists, and the newer
+    checkpoint folders passed over (damaged, or without a marker), with one warning line naming them.
+    Raises UserError, deleting nothing, when none verifies."""
+    rejected = []
+    for step, path, marker in reversed(_checkpoint_folders(ckpt_dir)):
+        if marker is None:
+            rejected.append((path, f"{path / MARKER} is missing or cut short (killed while saving, or copied "
+                                   f"without it)"))
+        elif marker.get("run_hash") == run_hash:
+            if (found := checkpoint_integrity.problem(path, marker)) is None:
+                if rejected and _rank() == 0:
+                    print(f"warning: {'; '.join(why for _, why in rejected)}; resuming from step {step}, the "
+                          f"checkpoint(s) passed over moved to {ckpt_dir / UNVERIFIED}/", flush=True)
+                return path, False, [folder for folder, _ in rejected]
+            rejected.append((path, found))
+    raise UserError(
+        f"no checkpoint in {ckpt_dir}/ can be resumed from: {'; '.join(why for _, why in rejected)}. Nothing was "
+        f"deleted. Copy the checkpoints in again to resume, or start over with `{FRESH_ENV}=1 dvc repro train` "
+        f"(or `python stages/train.py --fresh`).")
+
+
+def _set_aside(ckpt_dir: Path, rejected: list[Path]) -> None:
+    """Moves damaged checkpoints out of the Trainer's sight: its save_total_limit rotation keeps the highest
+    step (when mtimes are unreliable) and would delete the good checkpoints the resumed run writes while
+    keeping a damaged one; a save into a damaged folder would mix its stale files with the new ones."""
+    aside = ckpt_dir / UNVERIFIED
+    aside.mkdir(exist_ok=True)
+    for path in rejected:
+        target, n = aside / path.name, 1
+        while target.exists():  # damaged at the same step once before
+            target, n = aside / f"{path.name}.{n}", n + 1
+        path.rename(target)
 
 
 def _rank() -> int:
@@ -409,7 +458,8 @@ def mark_finished(ckpt_dir: Path, run_id: str, step: int) -> None:
 
 
 class CheckpointMarker(TrainerCallback):
-    """Writes the marker last, after the Trainer saved model, optimizer, scheduler and RNG states."""
+    """Writes the marker last, after the Trainer saved model, optimizer, scheduler and RNG states: the
+    size and SHA-256 of each of those files, which a resume checks (``_newest_that_verifies``)."""
 
     def __init__(self, identity: dict):
         self.identity = identity
@@ -424,7 +474,10 @@ class CheckpointMarker(TrainerCallback):
         if state.is_world_process_zero:
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if path.is_dir():
-                (path / MARKER).write_text(json.dumps({**self.identity, "step": state.global_step}))
+                files = checkpoint_integrity.manifest(path, skip={MARKER, f".{MARKER}.tmp"})
+                tmp = path / f".{MARKER}.tmp"  # a kill mid-write leaves no marker rather than half of one
+                tmp.write_text(json.dumps({**self.identity, "step": state.global_step, "files": files}))
+                os.replace(tmp, path / MARKER)
 
 
 def require_git_commit() -> None:

@@ -123,6 +123,7 @@ def test_changed_params_refuse_to_resume_naming_what_differs(tmp_path, tiny_para
     tiny_params["train"] |= {"save_steps": 5, "save_total_limit": 9, "logging_steps": 3}  # how it is saved, watched
     same = training.run_identity(config.parse(tiny_params), data)
     assert training.resume_checkpoint(ckpts, same) == ckpts / "checkpoint-6"
+    assert f"{ckpts}/checkpoint-9/{training.MARKER} is missing" in capsys.readouterr().out  # passed over, said so
 
     tiny_params["train"]["learning_rate"] = 0.002
     tiny_params["train"]["reward_weights"]["format"] = 1.0
