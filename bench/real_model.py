@@ -177,6 +177,7 @@ def summarize(work: Path, runs: list[tuple[str, int]], out: Path, model_label: s
                             "vllm_mode", "temperature", "max_completion_length")},
                         "train_minutes": round(train_metrics["train_runtime"] / 60, 2),
                         "base": metrics["base"], "trained": metrics["trained"], "delta": metrics["delta"],
+                        "lm_eval": metrics.get("lm_eval"),
                         "curves": training.read_curves(ws / "reports/train", CURVES)})
         log(f"{recipe} seed {seed}: {metrics['delta']}")
         keep_predictions(ws / "reports/eval/predictions.jsonl", out / f"{recipe}-s{seed}-eval.jsonl.gz")
