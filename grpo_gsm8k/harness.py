@@ -34,18 +34,15 @@ def data_files(data_dir: str | Path = RAW_DIR) -> dict[str, str]:
 def task_configs(tasks: list[str], files: dict[str, str], folder: Path) -> None:
     """One YAML per task in ``folder``: lm-eval's own task file, included whole, reading ``files``."""
     import lm_eval.tasks
+    from lm_eval.tasks import TaskManager
 
     shipped = Path(lm_eval.tasks.__file__).parent / "gsm8k"
-    by_name = {}
-    for path in shipped.glob("*.yaml"):
-        for line in path.read_text().splitlines():
-            if line.startswith("task:"):
-                by_name[line.split(":", 1)[1].strip()] = path
+    index = TaskManager(include_path=shipped, include_defaults=False).task_index  # that folder alone: fast
     for task in tasks:
-        if task not in by_name:  # config.py lists the tasks; this lm-eval release must still ship them
+        if task not in index:  # config.py lists the tasks; this lm-eval release must still ship them
             raise UserError(f"lm_eval.tasks: lm-eval {_version()} has no task {task!r} in {shipped}")
-        override = {"include": str(by_name[task]), "task": task, "dataset_path": "json", "dataset_name": None,
-                    "dataset_kwargs": {"data_files": files}}
+        override = {"include": str(index[task].yaml_path), "task": task, "dataset_path": "json",
+                    "dataset_name": None, "dataset_kwargs": {"data_files": files}}
         (folder / f"{task}.yaml").write_text(json.dumps(override, indent=1) + "\n")  # JSON is YAML
 
 
