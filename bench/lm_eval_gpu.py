@@ -91,20 +91,24 @@ def main() -> None:
     params = smoke.params_with(config.read_yaml(ROOT / ("profiles/tiny.yaml" if a.tiny else "params.yaml")), overrides)
     config.parse(params)  # a bad override stops here, before any work
     logfile = out / "stages.log"
-    times = json.loads((out / "stage_seconds.json").read_text()) if a.only == "trained" else {}
+    # beside the workspace, which outlives a call on a warm machine ($OUT does not): --only trained reads it
+    times_file = ws.parent / f"{ws.name}_stage_seconds.json"
+    times = json.loads(times_file.read_text()) if a.only == "trained" else {}
+
+    def timed(stage: str) -> None:
+        times[stage] = round(run_stage(ws, stage, logfile), 1)
+        log(f"{stage}: {times[stage]} s")
+        for path in (times_file, out / "stage_seconds.json"):
+            path.write_text(json.dumps(times, indent=1) + "\n")
+
     if a.only in ("all", "base"):
         smoke.bench_workspace(ws, params)
-        logfile.write_text("")
         for stage in ("prepare", "evaluate_base"):
-            times[stage] = round(run_stage(ws, stage, logfile), 1)
-            log(f"{stage}: {times[stage]} s")
-            (out / "stage_seconds.json").write_text(json.dumps(times, indent=1) + "\n")
+            timed(stage)
         shutil.copy(ws / "reports/eval_base/metrics.json", out / "eval_base_metrics.json")
     if a.only in ("all", "trained"):
         shutil.copytree(a.adapter, ws / "models/adapter", dirs_exist_ok=True)
-        times["evaluate"] = round(run_stage(ws, "evaluate", logfile), 1)
-        log(f"evaluate: {times['evaluate']} s")
-        (out / "stage_seconds.json").write_text(json.dumps(times, indent=1) + "\n")
+        timed("evaluate")
         metrics = json.loads((ws / "reports/eval/metrics.json").read_text())
         shutil.copy(ws / "reports/eval/metrics.json", out / "eval_metrics.json")
         summary = {"model": a.model_label if not a.tiny else "tiny-model", "adapter": str(a.adapter),
