@@ -192,6 +192,7 @@ def summarize(work: Path, runs: list[tuple[str, int]], out: Path, model_label: s
                             "vllm_mode", "temperature", "max_completion_length")},
                         "train_minutes": round(train_metrics["train_runtime"] / 60, 2),
                         "base": metrics["base"], "trained": metrics["trained"], "delta": metrics["delta"],
+                        "lm_eval": metrics.get("lm_eval"),
                         "curves": training.read_curves(ws / "reports/train", CURVES),
                         "heldout": heldout_curve(ws / "reports/train/eval_curve.tsv")})
         log(f"{recipe} seed {seed}: {metrics['delta']}")

@@ -195,6 +195,28 @@ class EvalConfig(_Section):
     during_training_every: Int = Field(gt=0)
 
 
+# lm-eval's GSM8K tasks that read openai/gsm8k and decode greedily (harness.py points them at the local rows);
+# gsm8k_cot_self_consistency samples 64 answers per problem and is left out.
+LM_EVAL_TASKS = ("gsm8k", "gsm8k_cot", "gsm8k_cot_llama", "gsm8k_cot_zeroshot")
+
+
+class LmEvalConfig(_Section):
+    tasks: list[str]
+    max_problems: Int | None = Field(gt=0)
+    max_new_tokens: Int | None = Field(gt=0)
+
+    @field_validator("tasks")
+    @classmethod
+    def _known(cls, tasks: list[str]):
+        for task in tasks:
+            if task not in LM_EVAL_TASKS:
+                raise _Problem(None, f"unknown task {task!r}; lm-eval's GSM8K tasks here are "
+                                     f"{', '.join(LM_EVAL_TASKS)} (an empty list turns lm-eval off)")
+        if len(set(tasks)) < len(tasks):
+            raise _Problem(None, "lists a task twice")
+        return tasks
+
+
 class MergeConfig(_Section):
     dtype: Dtype
 
@@ -219,6 +241,7 @@ class Params(_Section):
     train: TrainConfig
     generation: GenerationConfig
     eval: EvalConfig
+    lm_eval: LmEvalConfig
     merge: MergeConfig
     hub: HubConfig
 

@@ -14,6 +14,7 @@ from .config import UserError
 from .grading import parse_number
 
 SPLITS = ("train", "test")
+RAW_DIR = "data/prepared/gsm8k"  # the splits' own {question, answer} rows, as lm-eval reads them (harness.py)
 
 
 class DataError(UserError):

@@ -26,12 +26,30 @@ def eval_results(base_model: str, metrics: dict) -> list[EvalResult]:
     common = dict(task_type="text-generation", task_name="Grade-school math word problems",
                   dataset_type=DATASET, dataset_name="GSM8K", dataset_config="main", dataset_split="test",
                   metric_type="accuracy")
-    return [
+    results = [
         EvalResult(**common, metric_name="accuracy (GRPO fine-tuned, greedy)",
                    metric_value=metrics["trained"]["accuracy"]),
         EvalResult(**common, metric_name=f"accuracy of the base model {base_model} (greedy)",
                    metric_value=metrics["base"]["accuracy"]),
     ]
+    common["metric_type"] = "exact_match"
+    for side, label, f, name in _lm_eval_rows(metrics.get("lm_eval", {})):
+        model = "GRPO fine-tuned" if side == "trained" else f"base model {base_model}"
+        score = metrics["lm_eval"][side][label]["filters"][f]
+        results.append(EvalResult(**common, metric_name=f"{name} ({model})", metric_value=score["exact_match"]))
+    return results
+
+
+def _lm_eval_rows(lm_eval: dict) -> list[tuple[str, str, str, str]]:
+    """(side, label, filter, name) of each lm-eval score, the name saying task, shots, filter and chat template."""
+    rows = []
+    for side in ("trained", "base"):
+        for label, block in lm_eval.get(side, {}).items():
+            chat = "chat template" if block["chat_template"] else "no chat template"
+            for f in block["filters"]:
+                rows.append((side, label, f, f"lm-eval {lm_eval['version']} {block['task']}, "
+                                             f"{block['num_fewshot']}-shot, {chat}, {f}"))
+    return rows
 
 
 def card_data(kind: str, repo_id: str | None, base_model: str, metrics: dict | None) -> ModelCardData:
@@ -158,8 +176,26 @@ def _results(metrics: dict | None) -> str:
     table = "\n".join(f"| {label} | {base.get(key, float('nan')):.4f} | {trained.get(key, float('nan')):.4f} |"
                       for label, key in rows)
     return (f"Greedy decoding on {scope}, graded by the project's shared grader:\n\n"
-            f"| metric | base model | GRPO fine-tuned |\n|---|---|---|\n{table}\n\n"
+            f"| metric | base model | GRPO fine-tuned |\n|---|---|---|\n{table}\n\n{_lm_eval_table(metrics)}"
             f"![GRPO reward curves and GSM8K accuracy before and after training]({IMAGE})")
+
+
+def _lm_eval_table(metrics: dict) -> str:
+    """lm-eval's GSM8K tasks, comparable with published tables, beside the project's own grader's numbers."""
+    lm_eval = metrics.get("lm_eval", {})
+    rows = [(label, f, name) for side, label, f, name in _lm_eval_rows(lm_eval) if side == "trained"]
+    if not rows:
+        return ""
+
+    def cell(side, label, f):
+        score = lm_eval.get(side, {}).get(label, {}).get("filters", {}).get(f)
+        return f"{score['exact_match']:.4f} ± {score['stderr']:.4f}" if score else "n/a"
+
+    table = "\n".join(f"| {name} | {cell('base', label, f)} | {cell('trained', label, f)} |" for label, f, name in rows)
+    problems = next(iter(lm_eval["trained"].values()))["problems"]
+    return (f"EleutherAI lm-evaluation-harness's own GSM8K tasks (their prompts and answer filters, not the "
+            f"format above; exact match ± standard error, {problems} test problems, {lm_eval['backend']}):\n\n"
+            f"| task | base model | GRPO fine-tuned |\n|---|---|---|\n{table}\n\n")
 
 
 def build_card(kind: str, *, repo_id: str | None, local_folder: str, base_model: str, system_prompt: str,

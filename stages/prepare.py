@@ -14,8 +14,8 @@ OUT = "data/prepared"
 
 def prepare(p: config.Params) -> dict:
     d = p.data
-    splits = {s: gsm8k.validate_rows(gsm8k.load_split(s, d.source, d.hub_id, d.hub_config, d.local_dir), s)
-              for s in gsm8k.SPLITS}
+    raw = {s: gsm8k.load_split(s, d.source, d.hub_id, d.hub_config, d.local_dir) for s in gsm8k.SPLITS}
+    splits = {s: gsm8k.validate_rows(rows, s) for s, rows in raw.items()}
     if d.train_limit:
         splits["train"] = splits["train"][: d.train_limit]
     check_model(p.model.name)
@@ -28,6 +28,9 @@ def prepare(p: config.Params) -> dict:
                  for r in records]
         lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
         write_jsonl(f"{OUT}/{split}.jsonl", records)
+        # GSM8K's own rows, whole (train_limit aside: lm-eval's 5 shots come from all of train), for lm-eval
+        write_jsonl(f"{gsm8k.RAW_DIR}/{split}.jsonl",
+                    [{"question": r["question"], "answer": r["answer"]} for r in raw[split]])
         dups = gsm8k.duplicate_questions(rows)
         if dups:
             print(f"note: {split} has {dups} duplicate question(s) (kept; GSM8K itself has a few)")

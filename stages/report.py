@@ -1,4 +1,5 @@
-"""Stage: one summary PNG of the run: the reward curves and GSM8K accuracy before and after."""
+"""Stage: one summary PNG of the run: the reward curves, GSM8K accuracy before and after, and lm-eval's
+GSM8K exact match (with its standard error) when the evaluate stages ran it."""
 
 from __future__ import annotations
 
@@ -26,7 +27,10 @@ def read_curve(path: Path) -> tuple[list[int], list[float]]:
 
 
 def summary_figure(curves_dir: Path, metrics: dict):
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    lm_eval = metrics.get("lm_eval", {})
+    panels = 3 if "base" in lm_eval and "trained" in lm_eval else 2
+    fig, (left, right, *extra) = plt.subplots(1, panels, figsize=(6 * panels, 4.5),
+                                              gridspec_kw={"width_ratios": [3, 2, 2][:panels]})
     series = [("total (weighted sum)", curves_dir / "reward.tsv")]
     series += [(f"{p.parent.name} (unweighted)", p) for p in sorted((curves_dir / "rewards").glob("*/mean.tsv"))]
     for label, path in series:
@@ -46,8 +50,32 @@ def summary_figure(curves_dir: Path, metrics: dict):
     right.set_xticks(list(xs), ["strict accuracy", "lenient accuracy", "format"])
     right.set(ylim=(0, 1.1), title=f"GSM8K test ({trained['problems']} problems, greedy)")
     right.legend()
+    if extra:
+        lm_eval_panel(extra[0], lm_eval)
     fig.tight_layout()
     return fig
+
+
+def lm_eval_panel(ax, lm_eval: dict) -> None:
+    """Each task and filter, base beside trained, labelled as lm-eval's so nobody takes it for the project's own."""
+    bars = [(label, f) for label, block in lm_eval["trained"].items() for f in block["filters"]
+            if f in lm_eval["base"].get(label, {}).get("filters", {})]
+    xs = range(len(bars))
+    for offset, side in zip((-0.2, 0.2), ("base", "trained")):
+        scores = [lm_eval[side][label]["filters"][f] for label, f in bars]
+        drawn = ax.bar([x + offset for x in xs], [s["exact_match"] for s in scores], width=0.4, label=side,
+                       yerr=[s["stderr"] for s in scores], capsize=3)
+        ax.bar_label(drawn, fmt="%.3f", fontsize=7)
+    names = []
+    for label, f in bars:
+        block = lm_eval["trained"][label]
+        chat = "chat template" if block["chat_template"] else "no chat template"
+        names.append(f"{block['task']}\n{block['num_fewshot']}-shot, {chat}\n{f}")
+    ax.set_xticks(list(xs), names, fontsize=7)
+    problems = next(iter(lm_eval["trained"].values()))["problems"]
+    ax.set(ylim=(0, 1.1), ylabel="exact match (± stderr)",
+           title=f"lm-evaluation-harness {lm_eval['version']} ({problems} problems)")
+    ax.legend()
 
 
 def main() -> None:

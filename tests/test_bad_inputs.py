@@ -103,6 +103,13 @@ CASES = [
     Case("tracker-not-installed", r"^train\.report_to: wandb is not installed in this environment; `pip install "
                                   r"wandb` or set train\.report_to: none", params={"train.report_to": "wandb"},
          skip="wandb is installed here" if importlib.util.find_spec("wandb") else None),
+    Case("lm-eval-unknown-task", r"^lm_eval\.tasks: unknown task 'gsm8k_5shot'; lm-eval's GSM8K tasks here are gsm8k, "
+                                 r"gsm8k_cot, gsm8k_cot_llama, gsm8k_cot_zeroshot \(an empty list turns lm-eval off\)$",
+         [EVAL_BASE, EVALUATE], params={"lm_eval.tasks": ["gsm8k", "gsm8k_5shot"]}),
+    # the project's own test rows are there, lm-eval's copy of GSM8K's test split is not
+    Case("lm-eval-data-missing", r"^data/prepared/gsm8k/test\.jsonl: not found; lm-eval reads GSM8K's own rows there, "
+                                 r"which the prepare stage writes: run `dvc repro prepare`", [EVAL_BASE, EVALUATE],
+         files={"data/prepared/test.jsonl": jsonl(GOOD), "data/prepared/gsm8k/train.jsonl": jsonl(GOOD)}),
     Case("local-source-without-dir", r"^data\.local_dir: must name a folder with train\.jsonl and test\.jsonl",
          [PREPARE], params={"data.local_dir": None}),
     Case("bad-repo-id", r"^hub\.repo_id: 'no-owner' must look like 'owner/name'", [PUSH],

@@ -116,7 +116,7 @@ def test_misspelled_or_unknown_section_is_an_error():
     raw = copy.deepcopy(DEFAULTS)
     raw["trian"] = raw.pop("train")
     with pytest.raises(config.ConfigError, match=r"^trian: unknown section \(did you mean train\?\); valid sections "
-                                                 r"are: data, model, lora, train, generation, eval, merge, hub$"):
+                                                 r"are: data, model, lora, train, generation, eval, lm_eval, merge, hub$"):
         config.parse(raw)  # and not also "train: section missing": the typo explains it
     raw = copy.deepcopy(DEFAULTS) | {"wandb": {"project": "x"}}
     with pytest.raises(config.ConfigError, match=r"^wandb: unknown section; valid sections are: data, "):

@@ -240,6 +240,7 @@ def test_lock_has_the_intended_key_versions(lock):
         assert extra in lock, f"{extra} missing from the lock"
     assert lock["peft"][0] == "0.21.0" and lock["accelerate"][0] == "1.15.0"
     assert lock["dvc"][0] == "3.67.1" and lock["dvclive"][0] == "3.49.1"
+    assert lock["lm-eval"][0] == "0.4.13"  # the evaluate stages' lm-eval tasks, as the CPU tests run them
 
 
 def test_requirements_in_pins_the_key_packages():

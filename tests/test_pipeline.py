@@ -56,6 +56,9 @@ def test_prepare_writes_chat_prompts_and_stats(ws):
         assert row["prompt"][1]["content"] == row["question"]
         parse_gold(row["answer"])
     assert "#### " not in "".join(r["answer"] for r in rows)
+    for split in ("train", "test"):  # GSM8K's own rows, untouched, for lm-eval
+        raw = [json.loads(line) for line in (ws / f"data/prepared/gsm8k/{split}.jsonl").open()]
+        assert raw == [json.loads(line) for line in (ws / f"tests/fixtures/gsm8k/{split}.jsonl").open()]
     stats = json.loads((ws / "data/prepared/stats.json").read_text())
     assert stats["train"]["rows"] == 48 and stats["test"]["rows"] == 16
     assert 50 < stats["test"]["prompt_tokens_mean"] <= stats["test"]["prompt_tokens_max"]
@@ -82,7 +85,16 @@ def test_train_saves_adapter_effective_config_and_curves(ws):
 def test_evaluate_scores_base_and_trained_side_by_side(ws):
     metrics = json.loads((ws / "reports/eval/metrics.json").read_text())
     base = json.loads((ws / "reports/eval_base/metrics.json").read_text())
+    base_lm_eval = base.pop("lm_eval")
     assert metrics["base"] == base
+    # lm-eval's tasks (tiny profile: 2 problems, 24 new tokens) under one key, base beside trained
+    lm_eval = metrics["lm_eval"]
+    assert lm_eval["base"] == base_lm_eval["base"] and set(lm_eval["seconds"]) == {"base", "trained"}
+    assert (lm_eval["backend"], lm_eval["capped_at"], lm_eval["max_new_tokens"]) == ("transformers", 2, 24)
+    for side in ("base", "trained"):
+        assert set(lm_eval[side]) == set(lm_eval["delta"]) == {"gsm8k_5shot_chat", "gsm8k_cot_zeroshot_0shot_chat"}
+        for block in lm_eval[side].values():
+            assert block["problems"] == 2 and set(block["filters"]) == {"strict-match", "flexible-extract"}
     for m in (base, metrics["trained"]):
         assert m["problems"] == 8 and m["capped_at"] == 8 and m["max_new_tokens"] == 24
         assert 0 <= m["accuracy"] <= 1 and 0 <= m["accuracy_lenient"] <= 1 and 0 <= m["format_adherence"] <= 1
@@ -135,8 +147,11 @@ def test_model_cards_on_disk_are_what_push_would_upload(ws):
             "assets/summary.png"} | ({"training_run.json"} if kind == "merged" else set())
         card = ModelCard.load(ws / entry["files"]["README.md"])
         assert (card.data.base_model, card.data.library_name) == ("tiny-model", library)
+        lm_eval = [(side, label, f) for side in ("trained", "base") for label, block in metrics["lm_eval"][side].items()
+                   for f in block["filters"]]
         assert [e.metric_value for e in card.data.eval_results] == [
-            metrics["trained"]["accuracy"], metrics["base"]["accuracy"]]
+            metrics["trained"]["accuracy"], metrics["base"]["accuracy"]] + [
+            metrics["lm_eval"][side][label]["filters"][f]["exact_match"] for side, label, f in lm_eval]
         on_disk = {rel: hashlib.sha256((ws / src).read_bytes()).hexdigest() for rel, src in entry["files"].items()}
         assert hub.content_hash(on_disk) == entry["content_hash"]  # these bytes are what would be uploaded
 
