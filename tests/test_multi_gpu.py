@@ -2,6 +2,7 @@
 marker's wait for every process, with two real CPU processes."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -247,3 +248,61 @@ def test_launcher_dry_run_in_server_mode_keeps_the_last_gpu_for_the_server(tmp_p
         "--num_processes 3 stages/train.py"]
     assert "per optimizer step 96 prompts x 8 = 768 completions" in res.stderr
     assert not (tmp_path / "trl.args").exists()
+
+
+SPLIT_RANK = """\
+import json, os, sys
+from pathlib import Path
+from datasets import Dataset
+from grpo_gsm8k import config, gsm8k, modeling, training
+p = config.load(sys.argv[1])
+out = Path(sys.argv[2])
+rank = int(os.environ.get("RANK", "0"))
+rows = [json.loads(line) for line in open(sys.argv[3])]
+dataset = Dataset.from_list([{"prompt": gsm8k.build_prompt(r["question"], p.data.system_prompt), "answer": r["answer"]}
+                             for r in rows])
+def record(prompts, completions, **kwargs):  # called once a generation, with this rank's share
+    with (out / f"rank{rank}.jsonl").open("a") as f:
+        f.write(json.dumps([messages[-1]["content"] for messages in prompts]) + "\\n")
+    return [float(len(c[0]["content"]) % 3) for c in completions]
+trainer = training.build_trainer(p, modeling.load_policy(p), dataset, str(out / "checkpoints"),
+                                 reward_funcs_override=[record])
+trainer.train()
+"""
+
+
+def _split_run(tmp_path, tiny_model, tiny_params, ranks: int, accumulation: int) -> list[list[list[str]]]:
+    """The real trainer (build_trainer) on ``ranks`` gloo processes: each rank's prompts, one list a generation."""
+    from grpo_gsm8k.config import write_yaml
+
+    out = tmp_path / f"ranks{ranks}"
+    out.mkdir()
+    params = tiny_params | {"model": {**tiny_params["model"], "name": str(tiny_model)}}
+    params["train"] = {**params["train"], "gradient_accumulation_steps": accumulation, "max_steps": 2,
+                       "save_steps": 100, "reward_weights": {"correctness": 1.0}}
+    write_yaml(out / "params.yaml", params)
+    (out / "rank.py").write_text(SPLIT_RANK)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
+    proc = subprocess.run([*launcher, str(out / "rank.py"), str(out / "params.yaml"), str(out),
+                           str(ROOT / "tests/fixtures/gsm8k/train.jsonl")], cwd=out, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return [[json.loads(line) for line in (out / f"rank{r}.jsonl").read_text().splitlines()] for r in range(ranks)]
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_split_the_same_global_batch_into_whole_groups(tmp_path, tiny_model, tiny_params):
+    """What every rank's colocated vLLM engine is handed (vllm_generation.py generates exactly its rank's
+    prompts): on 2 ranks with half the accumulation, rank 0 holds the first half of the one-process batch and
+    rank 1 the second, each prompt's num_generations copies on one rank."""
+    group = tiny_params["train"]["num_generations"]  # 4; 8 completions a micro-batch: 2 prompts
+    one = _split_run(tmp_path, tiny_model, tiny_params, ranks=1, accumulation=2)[0]
+    rank0, rank1 = _split_run(tmp_path, tiny_model, tiny_params, ranks=2, accumulation=1)
+    assert len(one) == len(rank0) == len(rank1) == 2, "one generation per optimizer step, on every rank"
+    for step, batch in enumerate(one):
+        halves = (batch[:len(batch) // 2], batch[len(batch) // 2:])
+        assert (rank0[step], rank1[step]) == halves, f"step {step + 1}: ranks got another split of the batch"
+        for share in halves:
+            groups = [share[i:i + group] for i in range(0, len(share), group)]
+            assert all(len(set(g)) == 1 and len(g) == group for g in groups), "a prompt group spans ranks"
+        assert not set(halves[0]) & set(halves[1])
