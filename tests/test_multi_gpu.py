@@ -167,14 +167,20 @@ def test_refusals_before_any_work(tmp_path, arch, argv, env, message):
     assert not (tmp_path / "work").exists()
 
 
+def _cpu_phases(base: Path, arch: Path, *phases: str) -> tuple[Path, dict]:
+    """bench/multi_gpu.py's phases with --cpu, one after the other in one work folder (as device calls on one
+    warm machine), and the summary they leave."""
+    for phase in phases:
+        proc = subprocess.run([sys.executable, str(SCRIPT), phase, "--cpu", "--arch", str(arch),
+                               "--data", str(ROOT / "tests/fixtures/gsm8k"), "--work", str(base / "work"),
+                               "--out", str(base / "out")], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return base, json.loads((base / "out/multi_gpu.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory, arch):
-    base = tmp_path_factory.mktemp("multi_gpu")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "zero2", "--cpu", "--arch", str(arch),
-                           "--data", str(ROOT / "tests/fixtures/gsm8k"), "--work", str(base / "work"),
-                           "--out", str(base / "out")], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return base, json.loads((base / "out/multi_gpu.json").read_text())
+    return _cpu_phases(tmp_path_factory.mktemp("multi_gpu"), arch, "zero2")
 
 
 @pytest.mark.slow
@@ -306,3 +312,71 @@ def test_two_gloo_ranks_split_the_same_global_batch_into_whole_groups(tmp_path, 
             groups = [share[i:i + group] for i in range(0, len(share), group)]
             assert all(len(set(g)) == 1 and len(g) == group for g in groups), "a prompt group spans ranks"
         assert not set(halves[0]) & set(halves[1])
+
+
+# ------------------------------------------------------------ the scaling bench (issue 31)
+
+def _run(gpus, server=False, rate=None, host="h", median=2.0):
+    return {"gpus": gpus, "train_ranks": gpus - server, "server": server, "completions_per_step": 256 * (gpus - server),
+            "machine": {"host": host, "gpus": [f"GPU {i}" for i in range(8)]}, "checks": {"finished": True},
+            "speed": {"timed_steps": [2, 3, 4], "median_s": median, "min_s": median, "max_s": median,
+                      **({"completion_tokens_per_s_median": rate} if rate else {})},
+            "curves": {"completions/mean_length": [[2, 512.0], [3, 511.0], [4, 512.0]]}}
+
+
+def test_scaling_efficiency_is_per_gpu_throughput_against_one_gpu_of_the_same_machine():
+    summary = {"scale_n1": _run(1, rate=1000.0), "scale_n2": _run(2, rate=1800.0),
+               "scale_n4": _run(4, rate=3000.0, host="other"), "server_n4": _run(4, server=True, rate=1200.0),
+               "zero2": {"checks": {}}}
+    rows = {r["run"]: r for r in multi_gpu.scaling_table(summary)}
+    assert rows["scale_n1"]["scaling_efficiency"] == 1.0
+    assert rows["scale_n2"]["scaling_efficiency"] == 0.9
+    assert rows["scale_n4"]["scaling_efficiency"] is None, "another machine: no efficiency against this 1 GPU"
+    assert rows["server_n4"]["scaling_efficiency"] == 0.3 and rows["server_n4"]["train_ranks"] == 3
+    assert [r["run"] for r in multi_gpu.scaling_table(summary)] == ["scale_n1", "scale_n2", "scale_n4", "server_n4"]
+    table = multi_gpu.scaling_markdown(list(rows.values()))
+    assert "| server_n4 | 3 train + 1 server | 768 | 2.0 (2.0-2.0) | 3 | 1200.0 | 30% | passed |" in table
+
+
+def test_agreement_allows_sampling_noise_and_catches_a_different_batch():
+    def run(reward, std, batch):
+        return {"completions_per_step": 256, "effective_args": {"num_generations": 8, "generation_batch_size": batch},
+                "curves": {"reward": [[1, reward]], "reward_std": [[1, std]]}}
+    one = run(0.30, 0.2, 256)
+    assert multi_gpu.agreement(one, run(0.34, 0.2, 256)) == {"same_global_batch": True,
+                                                            "step1_reward_within_noise": True}
+    assert not multi_gpu.agreement(one, run(0.50, 0.2, 256))["step1_reward_within_noise"]
+    assert not multi_gpu.agreement(one, run(0.30, 0.2, 512))["same_global_batch"]
+
+
+@pytest.fixture(scope="module")
+def scaling_dry_run(tmp_path_factory, arch):
+    return _cpu_phases(tmp_path_factory.mktemp("scaling"), arch, "scale", "agree")
+
+
+@pytest.mark.slow
+def test_scaling_dry_run_keeps_the_per_gpu_batch_and_compares_one_with_two_ranks(scaling_dry_run):
+    base, summary = scaling_dry_run
+    n1, n2 = summary["scale_n1"], summary["scale_n2"]
+    assert (n1["world_size"], n2["world_size"]) == (1, 2)
+    assert (n1["effective_args"]["generation_batch_size"], n2["effective_args"]["generation_batch_size"]) == (16, 32)
+    assert n1["speed"]["timed_steps"] == n2["speed"]["timed_steps"] == [2, 3, 4]
+    assert all(n1["checks"].values()) and all(n2["checks"].values())
+    assert [r["run"] for r in summary["scaling"]] == ["scale_n1", "scale_n2"]
+    assert summary["scaling"][0]["scaling_efficiency"] == 1.0 and summary["scaling"][1]["scaling_efficiency"]
+    assert (base / "out/scaling.md").read_text().count("\n| scale_n") == 2
+    one, two = summary["agree_n1"], summary["agree_n2"]
+    assert all(one["checks"].values()) and all(two["checks"].values()), (one["checks"], two["checks"])
+    assert (one["effective_args"]["steps_per_generation"], two["effective_args"]["steps_per_generation"]) == (2, 1)
+    assert one["effective_args"]["generation_batch_size"] == two["effective_args"]["generation_batch_size"] == 16
+    assert two["world_size"] == 2 and two["step1_reward_z"] is not None
+
+
+def test_scaling_bench_refuses_the_server_phase_on_cpu_and_more_gpus_than_visible(tmp_path, arch):
+    for argv, message in ((["server", "--cpu"], "the server phase needs GPUs"),
+                          (["scale", "--cpu", "--gpus", "1,4"], "between 1 and the 2 visible GPU(s)")):
+        proc = subprocess.run([sys.executable, str(SCRIPT), argv[0], "--arch", str(arch), "--data",
+                               str(ROOT / "tests/fixtures/gsm8k"), "--work", str(tmp_path / "work"),
+                               "--out", str(tmp_path / "out"), *argv[1:]], capture_output=True, text=True)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "work").exists()
