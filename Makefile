@@ -38,5 +38,5 @@ check-lock: venv  ## the lock resolves and installs on the target platform (dry 
 lint-docker: venv
 	HADOLINT=$(CURDIR)/$(VENV)/bin/hadolint scripts/lint_docker.sh
 
-train-multi-gpu:  ## train on N GPUs: make train-multi-gpu N=4 ACCEL=ddp|zero2 VLLM_SERVER=0|1
+train-multi-gpu:  ## train on N GPUs: make train-multi-gpu N=4 ACCEL=ddp|zero2 [DRY_RUN=1]; params.yaml's generation.vllm_mode: colocate (vLLM on every rank) or server
 	scripts/train_multi_gpu.sh

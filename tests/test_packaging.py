@@ -18,6 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from grpo_gsm8k.config import read_yaml, write_yaml
+from grpo_gsm8k.smoke import params_with
+
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = ROOT / ".venv" / "bin"
 
@@ -477,13 +480,19 @@ def test_zero2_leaves_batch_accumulation_and_clipping_to_the_trainer(monkeypatch
 
 # ---------------------------------------------------------------- multi-GPU launcher
 
-def _fake_multi_gpu_repo(tmp_path: Path, vllm_mode: str) -> tuple[Path, dict]:
+def _fake_multi_gpu_repo(tmp_path: Path, vllm_mode: str, overrides: dict | None = None) -> tuple[Path, dict]:
+    """A repository with the launcher, its pre-flight and params.yaml (+ ``{"section.key": value}`` overrides);
+    fake nvidia-smi (4 GPUs), accelerate and trl on PATH."""
     repo = tmp_path / "repo"
     (repo / "scripts").mkdir(parents=True)
     shutil.copy(ROOT / "scripts" / "train_multi_gpu.sh", repo / "scripts")
     shutil.copytree(ROOT / "configs", repo / "configs")
-    (repo / "params.yaml").write_text(
-        f"model:\n  name: tiny/model\ngeneration:\n  use_vllm: true\n  vllm_mode: {vllm_mode}\n")
+    shutil.copytree(ROOT / "grpo_gsm8k", repo / "grpo_gsm8k")  # the pre-flight, `python -m grpo_gsm8k.launch`
+    params = params_with(read_yaml(ROOT / "params.yaml"), {
+        "model.name": "tiny/model", "generation.use_vllm": True, "generation.vllm_mode": vllm_mode, **(overrides or {})})
+    write_yaml(repo / "params.yaml", params)
+    (repo / "data/prepared").mkdir(parents=True)
+    (repo / "data/prepared/train.jsonl").write_text('{"prompt": "q"}\n' * 200)
     fake = tmp_path / "bin"
     fake.mkdir()
     # the venv's own python (a symlink to it would leave the venv), as the script reads params.yaml with
@@ -534,7 +543,7 @@ def test_train_multi_gpu_with_vllm_server(tmp_path):
             pytest.skip("port 8000 is in use on this machine")
     repo, env = _fake_multi_gpu_repo(tmp_path, "server")
     res = subprocess.run(["bash", "scripts/train_multi_gpu.sh"], cwd=repo,
-                         env={**env, "N": "4", "VLLM_SERVER": "1", "VLLM_PORT": "8123", "MODEL": "other/model"},
+                         env={**env, "N": "4", "VLLM_PORT": "8123", "MODEL": "other/model"},
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     # params.yaml's model on the trainer's port, whatever the environment says
@@ -548,11 +557,14 @@ def test_train_multi_gpu_with_vllm_server(tmp_path):
     assert probe.returncode != 0, "the vLLM server outlived the script"
 
 
-def test_train_multi_gpu_refuses_mismatched_vllm_mode(tmp_path):
+def test_train_multi_gpu_refuses_the_old_server_switch(tmp_path):
+    """VLLM_SERVER=1 used to start the server; params.yaml's vllm_mode decides now, and a stale switch must not
+    be silently ignored."""
     repo, env = _fake_multi_gpu_repo(tmp_path, "colocate")
     res = subprocess.run(["bash", "scripts/train_multi_gpu.sh"], cwd=repo,
                          env={**env, "VLLM_SERVER": "1"}, capture_output=True, text=True, timeout=60)
-    assert res.returncode != 0 and "generation.vllm_mode: server" in res.stderr
+    assert res.returncode == 2 and "VLLM_SERVER is no longer read" in res.stderr, res.stderr
+    assert "generation.vllm_mode" in res.stderr and "ACCELERATE" not in res.stdout
     assert not (tmp_path / "trl.args").exists()
 
 
