@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -120,13 +121,30 @@ def _resumable(trainer_cls):
     """``trainer_cls`` (TRL's GRPOTrainer, or Unsloth's patched copy of it) resuming exactly: each pass
     over the data in its own seeded order, and the current save and logging intervals."""
 
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
     class ResumableGRPOTrainer(trainer_cls):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.add_callback(_CurrentIntervals)
+            # one line per logged step in place of the Trainer's dict of every metric (DVCLive keeps them all)
+            self.remove_callback(ProgressCallback)
+            self.remove_callback(PrinterCallback)
+            self.add_callback(StepLine)
 
         def _get_train_sampler(self, dataset=None):
             return _PassSeededSampler(super()._get_train_sampler(dataset))
+
+        def create_model_card(self, *args, **kwargs):
+            """TRL writes its template README.md into checkpoints/ at every save: the project's own cards
+            are in models/ (model_card.py)."""
+
+        def _save_checkpoint(self, model, trial):
+            super()._save_checkpoint(model, trial)
+            # PEFT's template card in the checkpoint, removed before on_save (CheckpointMarker) vouches for it
+            if self.args.should_save:
+                readme = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}" / "README.md"
+                readme.unlink(missing_ok=True)
 
     return ResumableGRPOTrainer
 
@@ -151,6 +169,30 @@ class _PassSeededSampler:
 
     def __len__(self):
         return len(self.sampler)
+
+
+class StepLine(TrainerCallback):
+    """``step 3/8  reward 0.412  correctness 0.125  12.3 s/step``: one line per logged step."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last = (time.monotonic(), state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        now, step = time.monotonic(), state.global_step
+        if "reward" in logs:
+            seconds = (now - self.last[0]) / max(step - self.last[1], 1)
+            self.last = (now, step)
+            correct = logs.get("rewards/correctness/mean")
+            print(f"step {step}/{state.max_steps}  reward {logs['reward']:.3f}"
+                  + (f"  correctness {correct:.3f}" if correct is not None else "")
+                  + f"  {seconds:.1f} s/step", flush=True)
+        elif "train_runtime" in logs:
+            print(f"trained to step {step} in {logs['train_runtime'] / 60:.1f} min", flush=True)
+        else:  # another log (an evaluation, say): its numbers, compactly
+            print(f"step {step}: " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in logs.items()), flush=True)
 
 
 class _CurrentIntervals(TrainerCallback):
