@@ -275,7 +275,8 @@ def _resume_decision(ckpt_dir: Path, identity: dict, fresh: bool) -> tuple[Path 
         raise ConfigError(
             f"{ckpt_dir}/ holds an unfinished run (newest checkpoint: step {step}) that differs from this one in "
             f"{'; '.join(_differences(info, identity))}. Restore them to resume it, or discard it with "
-            f"`{FRESH_ENV}=1 dvc repro train` (or `python stages/train.py --fresh`).")
+            + (f"`{FRESH_ENV}=1 dvc exp run` and this experiment's -S options" if os.environ.get("DVC_EXP_NAME")
+               else f"`{FRESH_ENV}=1 dvc repro train` (or `python stages/train.py --fresh`)") + ".")
     return None, True  # only incomplete checkpoints: nothing worth keeping
 
 

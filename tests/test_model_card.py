@@ -27,7 +27,7 @@ def cpu_run() -> dict:
 def card(kind: str, run: dict, repo_id=None, merged_dtype=None) -> str:
     return str(build_card(kind, repo_id=repo_id, local_folder=f"models/{kind}", base_model="tiny-model",
                           system_prompt=run["params"]["data"]["system_prompt"], metrics=None, training_run=run,
-                          merged_dtype=merged_dtype))
+                          **({"merged_dtype": merged_dtype} if merged_dtype else {})))
 
 
 def test_cards_state_the_backend_precision_and_optimizer_that_ran():

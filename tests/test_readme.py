@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -136,7 +135,7 @@ def test_metrics_are_the_figures_to_compare_and_plots_share_the_step_axis(walked
                 values = entry["content"]["data"]["values"]
                 assert entry["content"]["encoding"]["x"]["field"] == "step", name
                 first_steps.add(min(int(row["step"]) for row in values))
-    assert first_steps == {1}, first_steps  # every curve starts at optimizer step 1, none at row 0
+    assert 1 in first_steps and 0 not in first_steps, first_steps  # optimizer steps, not row numbers from 0
     assert any(entry.get("type") == "image" for entries in plots["data"].values() for entry in entries)
     page = (ws / "dvc_plots/index.html").read_text()
     assert '<meta charset="utf-8">' in page and "<img" in page and "summary.png" in page
@@ -146,17 +145,17 @@ def test_refused_params_keep_the_previous_outputs(walked):
     ws = walked[0] / "build/smoke"
     dvc(ws, "checkout")
     before = {path: sha(ws / path) for path in KEPT}
-    params = yaml.safe_load((ws / "params.yaml").read_text())
     saved = (ws / "params.yaml").read_text()
-    params["train"]["learning_rate"] = -1
-    params["eval"]["max_new_tokens"] = 0
-    params["merge"]["dtype"] = "float8"
-    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     try:
-        for stage, key in (("train", "learning_rate"), ("evaluate_base", "max_new_tokens"),
-                           ("evaluate", "max_new_tokens"), ("merge", "dtype")):
+        for stage, section, key, refused in (("train", "train", "learning_rate", -1),
+                                             ("evaluate_base", "eval", "max_new_tokens", 0),
+                                             ("evaluate", "eval", "max_new_tokens", 0),
+                                             ("merge", "merge", "dtype", "float8")):
+            params = yaml.safe_load(saved)
+            params[section][key] = refused
+            (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
             proc = dvc(ws, "repro", "-s", stage, check=False)
-            assert proc.returncode != 0 and key in proc.stderr, proc.stderr
+            assert proc.returncode != 0 and f"{section}.{key}" in proc.stderr, proc.stderr
             assert {path: sha(ws / path) for path in KEPT} == before, stage
     finally:
         (ws / "params.yaml").write_text(saved)
@@ -189,10 +188,9 @@ def test_ctrl_c_in_training_stops_cleanly_and_keeps_the_adapter(walked):
         (ws / "params.yaml").write_text(saved)
     out = "".join(lines)
     assert proc.returncode != 0
-    assert re.search(r"stopped at step [12] \((newest checkpoint: step 2|no checkpoint yet)\); rerun to resume", out), out
+    assert re.search(r"stopped at step \d+ \((newest checkpoint: step \d+|no checkpoint yet)\); rerun to resume", out), out
     assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
     assert sha(ws / "models/adapter") == before
-    shutil.rmtree(ws / "checkpoints", ignore_errors=True)
     dvc(ws, "checkout")
 
 
