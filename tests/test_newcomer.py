@@ -1,5 +1,5 @@
-"""Fast checks of what a newcomer reads: the progress line, the refusal inside `dvc exp run`, and
-`make smoke` keeping a workspace that holds experiments (tests/test_readme.py walks the whole README)."""
+"""Fast checks of what a newcomer reads: the progress line, and `make smoke` keeping a workspace that
+holds experiments (tests/test_readme.py walks the whole README)."""
 
 import subprocess
 import sys
@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from grpo_gsm8k import smoke, training
-from grpo_gsm8k.outputs import write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,26 +27,6 @@ def test_progress_is_one_line_per_logged_step(capsys):
     assert len(lines) == 2
     assert lines[0].startswith("step 2/8  reward 0.412  correctness 0.125  ") and lines[0].endswith(" s/step")
     assert lines[1] == "trained to step 8 in 1.5 min"
-
-
-def test_unfinished_run_refused_inside_an_experiment_names_exp_run(tmp_path, tiny_params, monkeypatch):
-    from transformers import TrainerControl, TrainerState, TrainingArguments
-
-    from grpo_gsm8k import config
-
-    data, ckpts = tmp_path / "train.jsonl", tmp_path / "checkpoints"
-    write_jsonl(data, [{"question": "1+1?", "answer": "2"}])
-    killed = training.run_identity(config.parse(tiny_params), data)
-    (ckpts / "checkpoint-2").mkdir(parents=True)
-    args = TrainingArguments(output_dir=str(ckpts), use_cpu=True, report_to="none")
-    training.CheckpointMarker(killed).on_save(args, TrainerState(global_step=2), TrainerControl())
-    tiny_params["train"]["learning_rate"] = 0.002
-    changed = training.run_identity(config.parse(tiny_params), data)
-    monkeypatch.setenv("DVC_EXP_NAME", "lr-high")  # what `dvc exp run` sets for its stages
-    with pytest.raises(config.ConfigError) as refused:
-        training.resume_checkpoint(ckpts, changed)
-    assert "`GRPO_FRESH=1 dvc exp run` and this experiment's -S options" in str(refused.value)
-    assert "dvc repro" not in str(refused.value)
 
 
 def test_smoke_keeps_a_workspace_with_experiments_unless_asked(tmp_path):
