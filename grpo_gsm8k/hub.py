@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from .config import ConfigError, Params
-from .model_card import IMAGE, build_card
+from .model_card import IMAGE, build_card, saved_dtype
 from .outputs import atomic_path, read_json
 
 ADAPTER = "models/adapter"
@@ -145,7 +145,7 @@ def targets(p: Params, adapter: str | Path = ADAPTER, merged: str | Path = MERGE
                cards / "adapter" / "README.md", {IMAGE: summary}),
         Target("merged", "hub.repo_id", p.hub.repo_id, merged,
                str(build_card("merged", repo_id=p.hub.repo_id, local_folder=str(merged),
-                              other_repo_id=p.hub.adapter_repo_id, **common)),
+                              other_repo_id=p.hub.adapter_repo_id, merged_dtype=saved_dtype(merged), **common)),
                cards / "merged" / "README.md", {IMAGE: summary, TRAINING_RUN: adapter / TRAINING_RUN}),
     ]
 
@@ -234,7 +234,7 @@ def publish(p: Params, token: str | None, receipt_path: str | Path, **paths) -> 
                 receipt["repos"][target.kind] = entry | {"reason": f"dry run: {why}"}
                 continue
             check_no_token(folder, token)
-            label = "LoRA adapter" if target.kind == "adapter" else "merged 16-bit model"
+            label = "LoRA adapter" if target.kind == "adapter" else "merged model"
             message = f"Upload GRPO GSM8K {label} (git {git_rev}, dvc {dvc_rev})"
             description = (f"git revision: {git_rev}\ndvc train {ADAPTER} md5: {dvc_rev}\n"
                            f"content hash (sha256 of the file manifest): {entry['content_hash']}")

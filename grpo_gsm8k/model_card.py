@@ -13,12 +13,32 @@ from __future__ import annotations
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 DATASET = "openai/gsm8k"
-TAGS = ["grpo", "trl", "unsloth", "qlora", "gsm8k", "reasoning"]
+TAGS = ["grpo", "trl", "gsm8k", "reasoning"]  # and what ran: unsloth, qlora or lora (tags())
 IMAGE = "assets/summary.png"        # where the reward-curve / accuracy figure lives in each repo
 KINDS = {  # kind -> (base_model_relation, library_name, title)
     "adapter": ("adapter", "peft", "LoRA adapter"),
-    "merged": ("finetune", "transformers", "merged 16-bit model"),
+    "merged": ("finetune", "transformers", "merged model"),
 }
+
+
+def what_ran(training_run: dict) -> dict:
+    """Backend, base weights (4-bit or not, dtype), optimizer and mixed precision of the run, from its
+    record: the values the trainer used (on CPU: no 4-bit, float32, adamw_torch), the params only where
+    an older record lacks them."""
+    params = training_run.get("params", {})
+    model, train = params.get("model", {}), params.get("train", {})
+    weights = training_run.get("base_weights") or {}
+    effective = training_run.get("effective_grpo_config") or {}
+    mixed = ("bf16" if effective.get("bf16") else "fp16" if effective.get("fp16") else "no") if effective else None
+    return {"backend": training_run.get("backend"),
+            "load_in_4bit": weights.get("load_in_4bit", model.get("load_in_4bit")),
+            "dtype": weights.get("dtype", model.get("dtype")),
+            "optim": effective.get("optim", train.get("optim")), "mixed_precision": mixed}
+
+
+def tags(training_run: dict) -> list[str]:
+    ran = what_ran(training_run)
+    return TAGS + (["unsloth"] if ran["backend"] == "unsloth" else []) + (["qlora"] if ran["load_in_4bit"] else ["lora"])
 
 
 def eval_results(base_model: str, metrics: dict) -> list[EvalResult]:
@@ -52,12 +72,13 @@ def _lm_eval_rows(lm_eval: dict) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def card_data(kind: str, repo_id: str | None, base_model: str, metrics: dict | None) -> ModelCardData:
+def card_data(kind: str, repo_id: str | None, base_model: str, metrics: dict | None,
+              training_run: dict | None = None) -> ModelCardData:
     relation, library, _ = KINDS[kind]
     return ModelCardData(
         model_name=(repo_id or f"{base_model}-gsm8k-grpo").split("/")[-1],
         base_model=base_model, base_model_relation=relation, library_name=library,
-        pipeline_tag="text-generation", datasets=[DATASET], tags=list(TAGS), metrics=["accuracy"],
+        pipeline_tag="text-generation", datasets=[DATASET], tags=tags(training_run or {}), metrics=["accuracy"],
         eval_results=eval_results(base_model, metrics) if metrics else None,
     )
 
@@ -76,6 +97,7 @@ def training_table(training_run: dict) -> str:
     """The run's hyperparameters as a Markdown table, from training_run.json (what the trainer saw)."""
     p = training_run.get("params", {})
     t, lora, model = p.get("train", {}), p.get("lora", {}), p.get("model", {})
+    ran = what_ran(training_run)
     rows = [
         ("learning rate", t.get("learning_rate")), ("LR schedule", t.get("lr_scheduler_type")),
         ("warmup ratio", t.get("warmup_ratio")), ("optimizer steps", t.get("max_steps")),
@@ -85,12 +107,12 @@ def training_table(training_run: dict) -> str:
         ("max completion length", t.get("max_completion_length")), ("sampling temperature", t.get("temperature")),
         ("KL beta", t.get("beta")), ("loss type", t.get("loss_type")),
         ("ratio clip (epsilon, epsilon_high)", (t["epsilon"], t["epsilon_high"]) if "epsilon" in t else None),
-        ("optimizer", t.get("optim")),
+        ("optimizer", ran["optim"]), ("mixed precision", ran["mixed_precision"]),
         ("weight decay", t.get("weight_decay")), ("max grad norm", t.get("max_grad_norm")),
         ("reward weights", t.get("reward_weights")), ("seed", t.get("seed")),
         ("LoRA r", lora.get("r")), ("LoRA alpha", lora.get("alpha")), ("LoRA dropout", lora.get("dropout")),
         ("LoRA target modules", lora.get("target_modules")), ("backend", training_run.get("backend")),
-        ("4-bit (QLoRA) base", model.get("load_in_4bit")), ("compute dtype", model.get("dtype")),
+        ("4-bit (QLoRA) base", ran["load_in_4bit"]), ("base weights dtype", ran["dtype"]),
         ("max sequence length", model.get("max_seq_length")), ("run hash", training_run.get("run_hash")),
     ]
     versions = training_run.get("versions") or {}
@@ -103,20 +125,27 @@ def training_table(training_run: dict) -> str:
 
 def _stack(training_run: dict) -> str:
     """What trained it, from the run's record: the card names only what was actually used."""
-    model = training_run.get("params", {}).get("model", {})
-    parts = ["TRL", "Unsloth" if training_run.get("backend") == "unsloth" else "PEFT"]
-    parts.append("QLoRA, 4-bit base" if model.get("load_in_4bit") else "LoRA")
-    return ", ".join(parts)
+    ran = what_ran(training_run)
+    lora = (f"QLoRA on a 4-bit base ({ran['dtype']} compute)" if ran["load_in_4bit"]
+            else f"LoRA on a {ran['dtype']} base" if ran["dtype"] else "LoRA")
+    return ", ".join(["TRL", "Unsloth" if ran["backend"] == "unsloth" else "PEFT", lora])
 
 
 _MESSAGES = 'messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]'
+QUESTION = "A pen costs $3. How much do 4 pens cost?"
 
 
-def _transformers_usage(imports: str, model_class: str, repo: str) -> str:
+def _inputs(system_prompt: str) -> str:
+    """The snippets' first lines, so that each runs as printed: the training system prompt and a question."""
+    return f'SYSTEM_PROMPT = {system_prompt!r}\nquestion = {QUESTION!r}'
+
+
+def _transformers_usage(imports: str, model_class: str, repo: str, system_prompt: str) -> str:
     """Load ``repo`` with ``model_class`` and answer one question greedily, as evaluation does."""
     return f'''```python
 {imports}
 
+{_inputs(system_prompt)}
 model = {model_class}.from_pretrained("{repo}", dtype="auto", device_map="auto")
 tokenizer = AutoTokenizer.from_pretrained("{repo}")
 {_MESSAGES}
@@ -127,35 +156,40 @@ print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_to
 ```'''
 
 
-def _usage(kind: str, repo: str, base_model: str, lora_r: int | None) -> str:
+def _usage(kind: str, repo: str, base_model: str, lora_r: int | None, system_prompt: str, local: bool) -> str:
     if kind == "merged":
         return f'''transformers:
 
-{_transformers_usage("from transformers import AutoModelForCausalLM, AutoTokenizer", "AutoModelForCausalLM", repo)}
+{_transformers_usage("from transformers import AutoModelForCausalLM, AutoTokenizer", "AutoModelForCausalLM", repo,
+                     system_prompt)}
 
 vLLM:
 
 ```python
 from vllm import LLM, SamplingParams
 
+{_inputs(system_prompt)}
 llm = LLM(model="{repo}")
 {_MESSAGES}
 print(llm.chat(messages, SamplingParams(temperature=0, max_tokens=512))[0].outputs[0].text)
 ```'''
     peft_imports = "from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer"
+    # a local folder is the adapter's path as it is; a Hub repo is downloaded first
+    download = "" if local else "from huggingface_hub import snapshot_download\n"
+    path = f'"{repo}"' if local else f'snapshot_download("{repo}")'
     return f'''PEFT (base model + this adapter):
 
-{_transformers_usage(peft_imports, "AutoPeftModelForCausalLM", repo)}
+{_transformers_usage(peft_imports, "AutoPeftModelForCausalLM", repo, system_prompt)}
 
 vLLM (base model with the LoRA applied per request):
 
 ```python
-from huggingface_hub import snapshot_download
-from vllm import LLM, SamplingParams
+{download}from vllm import LLM, SamplingParams
 from vllm.lora.request import LoRARequest
 
+{_inputs(system_prompt)}
 llm = LLM(model="{base_model}", enable_lora=True, max_lora_rank={lora_r or 64})
-lora = LoRARequest("gsm8k-grpo", 1, snapshot_download("{repo}"))
+lora = LoRARequest("gsm8k-grpo", 1, {path})
 {_MESSAGES}
 print(llm.chat(messages, SamplingParams(temperature=0, max_tokens=512), lora_request=lora)[0].outputs[0].text)
 ```'''
@@ -199,18 +233,21 @@ def _lm_eval_table(metrics: dict) -> str:
 
 
 def build_card(kind: str, *, repo_id: str | None, local_folder: str, base_model: str, system_prompt: str,
-               metrics: dict | None, training_run: dict, other_repo_id: str | None = None) -> ModelCard:
-    """The card of one repo: kind is "adapter" (LoRA, PEFT) or "merged" (16-bit, transformers);
-    metrics None (not evaluated yet) leaves out the results and the model-index."""
+               metrics: dict | None, training_run: dict, other_repo_id: str | None = None,
+               merged_dtype: str | None = None) -> ModelCard:
+    """The card of one repo: kind is "adapter" (LoRA, PEFT) or "merged" (transformers, in merged_dtype,
+    as the merge stage saved it); metrics None (not evaluated yet) leaves out the results and the model-index."""
     _, _, title = KINDS[kind]
+    if kind == "merged" and merged_dtype:
+        title = f"{title} ({merged_dtype})"
     repo = repo_id or local_folder
     other = ""
     if other_repo_id:
-        other = (f"The merged 16-bit model is [{other_repo_id}](https://huggingface.co/{other_repo_id}).\n"
+        other = (f"The merged model is [{other_repo_id}](https://huggingface.co/{other_repo_id}).\n"
                  if kind == "adapter" else
                  f"The LoRA adapter alone is [{other_repo_id}](https://huggingface.co/{other_repo_id}).\n")
     what = ("a LoRA adapter for" if kind == "adapter"
-            else "a full 16-bit model: the LoRA adapter merged into")
+            else f"a full {merged_dtype + ' ' if merged_dtype else ''}model: the LoRA adapter merged into")
     lora_r = training_run.get("params", {}).get("lora", {}).get("r")
     body = f"""
 # {title}: {base_model} fine-tuned with GRPO on GSM8K
@@ -233,9 +270,9 @@ A chat with this system prompt, then the question as the user turn; the final nu
 
 ## Usage
 
-`SYSTEM_PROMPT` is the system prompt above; `question` a math word problem.
+Each snippet runs as printed; `question` is any math word problem.
 
-{_usage(kind, repo, base_model, lora_r)}
+{_usage(kind, repo, base_model, lora_r, system_prompt, local=repo_id is None)}
 
 ## Training
 
@@ -244,13 +281,25 @@ GRPO on [{DATASET}](https://huggingface.co/datasets/{DATASET}) (config `main`, t
 
 {training_table(training_run)}
 """
-    data = card_data(kind, repo_id, base_model, metrics)
+    data = card_data(kind, repo_id, base_model, metrics, training_run)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
-def folder_card(kind: str, folder: str, training_run: dict) -> str:
+def folder_card(kind: str, folder: str, training_run: dict, merged_dtype: str | None = None) -> str:
     """The card that the train (adapter) and merge (merged) stages write as the folder's README.md in
     place of PEFT's template: from the run record alone, so those stages read no other file."""
     return str(build_card(kind, repo_id=None, local_folder=folder, base_model=training_run["base_model"],
                           system_prompt=training_run["params"]["data"]["system_prompt"], metrics=None,
-                          training_run=training_run))
+                          training_run=training_run, merged_dtype=merged_dtype))
+
+
+def saved_dtype(folder) -> str | None:
+    """The dtype a saved transformers model folder holds (its config.json), e.g. "float32"."""
+    import json
+    from pathlib import Path
+
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        return None
+    data = json.loads(config.read_text())
+    return data.get("dtype") or data.get("torch_dtype")

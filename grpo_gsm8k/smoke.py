@@ -1,8 +1,10 @@
 """`make smoke`: the real DVC pipeline, end to end, on the tiny profile, offline, on CPU.
 
 Copies the repository's tracked files into a fresh git + DVC workspace, puts profiles/tiny.yaml in
-place of params.yaml, builds the tiny random-weight model there and runs `dvc repro`. The user's
-own workspace and params are never touched. Tests use the same functions.
+place of params.yaml, builds the tiny random-weight model there, runs `dvc repro` and commits the
+results, so `dvc metrics diff`, `dvc exp show` and `dvc plots diff` have a baseline to compare with.
+The user's own workspace and params are never touched. A workspace that holds experiments is deleted
+only when asked (SMOKE_FRESH=1; `make smoke FRESH=1`). Tests use the same functions.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from .config import read_yaml, write_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_PARAMS = ROOT / "profiles" / "tiny.yaml"
+FRESH_ENV = "SMOKE_FRESH"
+HTML_TEMPLATE = "../configs/dvc/plots.html"  # relative to .dvc/, as in this repository's .dvc/config
 
 
 def run(cmd: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -61,6 +65,7 @@ def commit_repo(dest: Path, dvc: bool) -> Path:
     if dvc:
         run(["dvc", "init", "-q"], dest, env)
         run(["dvc", "config", "core.analytics", "false"], dest, env)
+        run(["dvc", "config", "plots.html_template", HTML_TEMPLATE], dest, env)
     run(["git", "add", "-A"], dest, env)
     run(["git", "commit", "-qm", "smoke workspace"], dest, env)
     return dest
@@ -92,11 +97,40 @@ def workspace_env() -> dict:
     return env
 
 
+def experiments(dest: Path) -> list[str]:
+    """The DVC experiments kept in the workspace at ``dest`` (git refs under refs/exps), if any."""
+    if not (dest / ".git").exists():
+        return []
+    out = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], cwd=dest,
+                         capture_output=True, text=True).stdout
+    return [ref for ref in out.split() if ref.count("/") > 3]  # refs/exps/<sha[:2]>/<sha[2:]>/<name>
+
+
+def check_replaceable(dest: Path) -> None:
+    """Refuse to delete a workspace holding experiments, unless SMOKE_FRESH=1."""
+    fresh = os.environ.get(FRESH_ENV, "")
+    if fresh not in ("", "0", "1"):
+        sys.exit(f"error: {FRESH_ENV}={fresh!r}: set it to 1 to replace the workspace, or leave it unset")
+    found = experiments(dest)
+    if found and fresh != "1":
+        sys.exit(f"error: {dest} holds {len(found)} DVC experiment(s) (`dvc exp show` there lists them), which a "
+                 f"new smoke run would delete. Rerun with `make smoke FRESH=1` ({FRESH_ENV}=1) to replace it, or "
+                 f"keep working in it.")
+
+
+def commit_results(dest: Path) -> None:
+    env = workspace_env()
+    run(["git", "add", "-A"], dest, env)
+    run(["git", "commit", "-qm", "smoke run results"], dest, env)
+
+
 def main() -> None:
     dest = Path(sys.argv[1] if len(sys.argv) > 1 else "build/smoke").resolve()
+    check_replaceable(dest)
     make_workspace(dest)
     run(["dvc", "repro"], dest, workspace_env())
-    print(f"\nsmoke run done in {dest}:")
+    commit_results(dest)
+    print(f"\nsmoke run done and committed in {dest}:")
     print((dest / "reports/eval/metrics.json").read_text())
 
 

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -126,13 +127,30 @@ def _resumable(trainer_cls):
     """``trainer_cls`` (TRL's GRPOTrainer, or Unsloth's patched copy of it) resuming exactly: each pass
     over the data in its own seeded order, and the current save and logging intervals."""
 
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
     class ResumableGRPOTrainer(trainer_cls):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.add_callback(_CurrentIntervals)
+            # one line per logged step in place of the Trainer's dict of every metric (DVCLive keeps them all)
+            self.remove_callback(ProgressCallback)
+            self.remove_callback(PrinterCallback)
+            self.add_callback(StepLine)
 
         def _get_train_sampler(self, dataset=None):
             return _PassSeededSampler(super()._get_train_sampler(dataset))
+
+        def create_model_card(self, *args, **kwargs):
+            """TRL writes its template README.md into checkpoints/ at every save: the project's own cards
+            are in models/ (model_card.py)."""
+
+        def _save_checkpoint(self, model, trial):
+            super()._save_checkpoint(model, trial)
+            # PEFT's template card in the checkpoint, removed before on_save (CheckpointMarker) vouches for it
+            if self.args.should_save:
+                readme = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}" / "README.md"
+                readme.unlink(missing_ok=True)
 
     return ResumableGRPOTrainer
 
@@ -280,6 +298,30 @@ class _PassSeededSampler:
         return len(self.sampler)
 
 
+class StepLine(TrainerCallback):
+    """``step 3/8  reward 0.412  correctness 0.125  12.3 s/step``: one line per logged step."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last = (time.monotonic(), state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        now, step = time.monotonic(), state.global_step
+        if "reward" in logs:
+            seconds = (now - self.last[0]) / max(step - self.last[1], 1)
+            self.last = (now, step)
+            correct = logs.get("rewards/correctness/mean")
+            print(f"step {step}/{state.max_steps}  reward {logs['reward']:.3f}"
+                  + (f"  correctness {correct:.3f}" if correct is not None else "")
+                  + f"  {seconds:.1f} s/step", flush=True)
+        elif "train_runtime" in logs:
+            print(f"trained to step {step} in {logs['train_runtime'] / 60:.1f} min", flush=True)
+        else:  # another log (an evaluation, say): its numbers, compactly
+            print(f"step {step}: " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in logs.items()), flush=True)
+
+
 class _CurrentIntervals(TrainerCallback):
     """A resumed Trainer takes save_steps and logging_steps from the checkpoint's trainer_state.json,
     silently ignoring changed params: apply the current ones."""
@@ -370,7 +412,7 @@ def _resume_decision(ckpt_dir: Path, identity: dict, fresh: bool) -> tuple[Path 
         raise ConfigError(
             f"{ckpt_dir}/ holds an unfinished run (newest checkpoint: step {step}) that differs from this one in "
             f"{'; '.join(_differences(info, identity))}. Restore them to resume it, or discard it with "
-            f"`{FRESH_ENV}=1 dvc repro train` (or `python stages/train.py --fresh`).")
+            f"{_fresh_hint()}.")
     if not _checkpoint_folders(ckpt_dir):
         return None, True, []  # no checkpoint folder: nothing worth keeping
     return _newest_that_verifies(ckpt_dir, identity["run_hash"])
@@ -394,8 +436,15 @@ def _newest_that_verifies(ckpt_dir: Path, run_hash: str) -> tuple[Path, bool, li
             rejected.append((path, found))
     raise UserError(
         f"no checkpoint in {ckpt_dir}/ can be resumed from: {'; '.join(why for _, why in rejected)}. Nothing was "
-        f"deleted. Copy the checkpoints in again to resume, or start over with `{FRESH_ENV}=1 dvc repro train` "
-        f"(or `python stages/train.py --fresh`).")
+        f"deleted. Copy the checkpoints in again to resume, or start over with {_fresh_hint()}.")
+
+
+def _fresh_hint() -> str:
+    """How to discard an unfinished run from where this one was started (inside `dvc exp run`, `dvc repro`
+    would run the workspace's params, not the experiment's)."""
+    if os.environ.get("DVC_EXP_NAME"):
+        return f"`{FRESH_ENV}=1 dvc exp run` and this experiment's -S options"
+    return f"`{FRESH_ENV}=1 dvc repro train` (or `python stages/train.py --fresh`)"
 
 
 def _set_aside(ckpt_dir: Path, rejected: list[Path]) -> None:

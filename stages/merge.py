@@ -20,7 +20,7 @@ def merge(p: config.Params) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         run = read_json(f"{ADAPTER}/training_run.json")
-        (tmp / "README.md").write_text(folder_card("merged", MERGED, run), encoding="utf-8")
+        (tmp / "README.md").write_text(folder_card("merged", MERGED, run, merged_dtype=p.merge.dtype), encoding="utf-8")
 
 
 def main() -> None:

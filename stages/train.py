@@ -18,6 +18,7 @@ CHECKPOINTS = Path("checkpoints")
 ADAPTER = Path("models/adapter")
 LIVE = "reports/train"
 CURVE = Path("reports/train/eval_curve.tsv")
+SUMMARY = "reports/train/summary.json"  # the train stage's DVC metrics: what a user compares between runs
 OOM_ADVICE = ("CUDA ran out of memory. Lower train.per_device_train_batch_size (keep it a multiple of "
               "train.num_generations) and raise train.gradient_accumulation_steps to keep the batch, or lower "
               "train.max_completion_length or generation.vllm_gpu_memory_utilization; then rerun to resume.")
@@ -66,6 +67,11 @@ def train(p: config.Params, fresh: bool = False) -> dict:
         raise SystemExit(f"error: {OOM_ADVICE}") from err
     except training.TrainingStopped as err:
         raise SystemExit(f"error: {err}") from err
+    except KeyboardInterrupt:
+        newest = training.complete_checkpoints(CHECKPOINTS)
+        kept = f"newest checkpoint: step {newest[-1][0]}" if newest else "no checkpoint yet"
+        print(f"\nstopped at step {trainer.state.global_step} ({kept}); rerun to resume", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
 
     if trainer.is_world_process_zero():
         with atomic_path(ADAPTER) as tmp:
@@ -77,6 +83,7 @@ def train(p: config.Params, fresh: bool = False) -> dict:
                 "backend": p.model.backend,
                 "resumed_from": str(checkpoint) if checkpoint else None,
                 "world_size": trainer.args.world_size,
+                "base_weights": base_weights(trainer.model),
                 "params": config.as_dict(p),
                 "effective_grpo_config": trainer.args.to_dict(),  # after TRL's and Unsloth's own overrides
                 "effective_lora_config": trainer.model.peft_config["default"].to_dict(),
@@ -87,7 +94,17 @@ def train(p: config.Params, fresh: bool = False) -> dict:
             # wording must not retrain; push, which depends on it, always publishes the current card.
             (tmp / "README.md").write_text(folder_card("adapter", str(ADAPTER), run), encoding="utf-8")
         training.mark_finished(CHECKPOINTS, run_id, trainer.state.global_step)
+        write_json(SUMMARY, {"train_minutes": round(result.metrics["train_runtime"] / 60, 2),
+                             "optimizer_steps": trainer.state.global_step})
     return {"global_step": trainer.state.global_step, **{k: v for k, v in result.metrics.items()}}
+
+
+def base_weights(model) -> dict:
+    """How the trained base was held: 4-bit or not, and its dtype (on CPU float32 whatever the params say)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    quantizer = getattr(base, "hf_quantizer", None)
+    return {"load_in_4bit": bool(quantizer and getattr(quantizer.quantization_config, "load_in_4bit", False)),
+            "dtype": str(base.dtype).removeprefix("torch.")}
 
 
 def main() -> None:
@@ -100,7 +117,9 @@ def main() -> None:
         metrics = train(p, fresh=args.fresh)
     except config.UserError as err:
         sys.exit(f"error: {err}")
-    print(metrics)
+    except KeyboardInterrupt:  # before training began (loading): nothing to resume from yet
+        sys.exit("\nstopped before training began; rerun to start")
+    print(f"done: {metrics['global_step']} steps; adapter in {ADAPTER}/, curves in {LIVE}/")
 
 
 if __name__ == "__main__":

@@ -257,9 +257,10 @@ def test_experiments_show_in_metrics_and_plots_diff(ws):
     dvc(ws, "exp", "run", "-n", "lr-high", "-S", "train.learning_rate=0.01")
     dvc(ws, "exp", "run", "-n", "longer", "-S", "train.max_steps=6")
     diff = json.loads(dvc(ws, "metrics", "diff", "lr-high", "longer", "--json"))
-    train = diff["reports/train/metrics.json"]
-    assert train["step"] == {"old": 4, "new": 6, "diff": 2}
-    assert train["learning_rate"]["old"] != train["learning_rate"]["new"]
+    assert diff["reports/train/summary.json"]["optimizer_steps"] == {"old": 4, "new": 6, "diff": 2}
+    assert "reports/train/metrics.json" not in diff  # TRL's whole log is plots, not metrics to compare
+    params = json.loads(dvc(ws, "params", "diff", "lr-high", "longer", "--json"))["params.yaml"]
+    assert params["train.max_steps"]["old"] == 4 and params["train.max_steps"]["new"] == 6
     plots = json.loads(dvc(ws, "plots", "diff", "lr-high", "longer", "--json"))
     reward = plots["data"]["Reward (total and per function)"][0]
     steps = {(row["rev"], int(row["step"])) for row in reward["content"]["data"]["values"]}

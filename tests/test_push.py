@@ -478,7 +478,7 @@ def test_card_usage_snippets_run_and_answer_like_the_evaluation(tiny_model, tmp_
 
     from grpo_gsm8k.evaluation import generate_hf
     from grpo_gsm8k.gsm8k import build_prompt
-    from grpo_gsm8k.model_card import build_card
+    from grpo_gsm8k.model_card import QUESTION, build_card
     from grpo_gsm8k.modeling import load_tokenizer
 
     p = config.parse(yaml.safe_load((ROOT / "profiles/tiny.yaml").read_text()))
@@ -488,7 +488,7 @@ def test_card_usage_snippets_run_and_answer_like_the_evaluation(tiny_model, tmp_
                              LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     adapter.save_pretrained(tmp_path / "adapter")
     tokenizer.save_pretrained(tmp_path / "adapter")  # the train stage saves the tokenizer with the adapter
-    question = "Natalia sold clips to 48 of her friends in April. How many clips did she sell?"
+    question = QUESTION  # the one the snippets ask, as printed
     answers = {}
     for kind, folder in (("merged", tiny_model), ("adapter", tmp_path / "adapter")):
         card = str(build_card(kind, repo_id=None, local_folder=str(folder), base_model=str(tiny_model),
@@ -498,7 +498,7 @@ def test_card_usage_snippets_run_and_answer_like_the_evaluation(tiny_model, tmp_
         assert len(snippets) == 1, card
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
-            exec(snippets[0], {"SYSTEM_PROMPT": p.data.system_prompt, "question": question})
+            exec(snippets[0], {})  # as printed: the snippet defines SYSTEM_PROMPT and question itself
         answers[kind] = printed.getvalue().rstrip("\n")
 
     prompt = [build_prompt(question, p.data.system_prompt)]

@@ -107,7 +107,7 @@ def test_a_run_killed_in_its_second_pass_over_the_data_resumes_exactly(tmp_path)
     assert_same_run(killed, clean, 12)
 
 
-def test_changed_params_refuse_to_resume_naming_what_differs(tmp_path, tiny_params, capsys):
+def test_changed_params_refuse_to_resume_naming_what_differs(tmp_path, tiny_params, capsys, monkeypatch):
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
     from grpo_gsm8k import config
@@ -137,6 +137,10 @@ def test_changed_params_refuse_to_resume_naming_what_differs(tmp_path, tiny_para
             "(0.5 there, 1.0 now); the training data (data/prepared/train.jsonl)") in message
     assert "`GRPO_FRESH=1 dvc repro train` (or `python stages/train.py --fresh`)" in message
     assert (ckpts / "checkpoint-6").exists()
+    monkeypatch.setenv("DVC_EXP_NAME", "lr-high")  # inside `dvc exp run`, where `dvc repro` is the wrong advice
+    with pytest.raises(config.ConfigError, match=r"`GRPO_FRESH=1 dvc exp run` and this experiment's -S options\.$"):
+        training.resume_checkpoint(ckpts, changed)
+    monkeypatch.delenv("DVC_EXP_NAME")
 
     assert training.resume_checkpoint(ckpts, changed, fresh=True) is None
     assert capsys.readouterr().out == (f"warning: starting fresh as asked: deleting {ckpts}/ "
