@@ -261,15 +261,6 @@ class Params(_Section):
                            "the fastest path), model.backend: unsloth with generation.vllm_mode: colocate (its "
                            "fast_inference passes the LoRA to vLLM per request), or generation.use_vllm: false "
                            "(HF generate on the 4-bit model)")
-        # The held-out curve generates with TRL's colocated engine or HF generate on the policy; a `trl vllm-serve`
-        # server and Unsloth's fast_inference engine are out of the train stage's reach.
-        remote = self.generation.use_vllm and (self.generation.vllm_mode == "server" or self.model.backend == "unsloth")
-        if self.eval.during_training_problems and remote:
-            raise _Problem("eval.during_training_problems",
-                           "the held-out accuracy curve runs on TRL's colocated vLLM engine or HF generate, not on "
-                           f"{'a vLLM server' if self.generation.vllm_mode == 'server' else 'Unsloth fast_inference'}"
-                           "; set it to 0 (the evaluate stage still measures the trained adapter), or use "
-                           "model.backend: transformers with generation.vllm_mode: colocate")
         return self
 
 

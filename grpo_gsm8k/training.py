@@ -601,12 +601,20 @@ CURVE_COLUMNS = ("step", "minutes", "accuracy", "accuracy_lenient", "format_adhe
                  "problems")
 
 
+def curve_engine(p: Params) -> str:
+    """The held-out curve's engine: TRL's colocated vLLM engine where the trainer has one in this process (the
+    evaluate stage's engine), else HF generate on the policy itself (a `trl vllm-serve` server, Unsloth's
+    fast_inference engine with its per-request LoRA, or no vLLM): slower, never a different model."""
+    colocated = p.generation.use_vllm and p.generation.vllm_mode == "colocate" and p.model.backend == "transformers"
+    return "vllm" if colocated else "transformers"
+
+
 class HeldOutCurve(TrainerCallback):
     """Greedy accuracy on the first ``eval.during_training_problems`` test problems before training, every
     ``eval.during_training_every`` optimizer steps and at the last one, so a user sees when training stops paying.
     The evaluate stage's prompt, grader and engine: its own generate_vllm on TRL's colocated vLLM engine (synced
     to the current weights first, which TRL would do before the next rollout anyway) or generate_hf on the
-    policy itself. One TSV row per point: the step, the minutes of training so far (evaluation time excluded)
+    policy itself (``curve_engine``). One TSV row per point: the step, the minutes of training so far (evaluation time excluded)
     and the evaluate stage's metrics. Call ``bind(trainer)`` before training."""
 
     def __init__(self, p: Params, records: list[dict], path: Path, resume: bool):
@@ -649,7 +657,7 @@ class HeldOutCurve(TrainerCallback):
             self.train_seconds += now - self.last_clock
         trainer, prompts = self.trainer, [r["prompt"] for r in self.records]
         if trainer.is_world_process_zero():
-            if trainer.args.use_vllm:
+            if curve_engine(self.p) == "vllm":
                 if trainer.state.global_step != trainer._last_loaded_step:
                     trainer.vllm_generation.sync_weights()
                     trainer._last_loaded_step = trainer.state.global_step

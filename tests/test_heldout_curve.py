@@ -87,12 +87,13 @@ def test_a_resumed_run_measures_each_step_once(trained, tmp_path):
         assert {k: v for k, v in a.items() if k != "minutes"} == {k: v for k, v in b.items() if k != "minutes"}
 
 
-@pytest.mark.parametrize("generation, model, engine", [({"vllm_mode": "server"}, {}, "a vLLM server"),
-                                                        ({}, {"backend": "unsloth"}, "Unsloth fast_inference")])
-def test_an_engine_out_of_the_train_stages_reach_is_refused(tiny_params, generation, model, engine):
-    tiny_params["generation"] |= {"use_vllm": True, **generation}
+@pytest.mark.parametrize("generation, model, engine", [
+    ({"use_vllm": True, "vllm_mode": "colocate"}, {}, "vllm"),
+    ({"use_vllm": True, "vllm_mode": "server"}, {}, "transformers"),  # the server is another process
+    ({"use_vllm": True, "vllm_mode": "colocate"}, {"backend": "unsloth"}, "transformers"),  # LoRA per request
+    ({"use_vllm": False}, {}, "transformers")])
+def test_the_curve_uses_the_colocated_engine_where_the_trainer_has_one_else_the_policy(
+        tiny_params, generation, model, engine):
+    tiny_params["generation"] |= generation
     tiny_params["model"] |= {"load_in_4bit": False, **model}
-    with pytest.raises(config.ConfigError, match=f"eval.during_training_problems: .* not on {engine}; set it to 0"):
-        config.parse(tiny_params)
-    tiny_params["eval"]["during_training_problems"] = 0
-    config.parse(tiny_params)
+    assert training.curve_engine(config.parse(tiny_params)) == engine
