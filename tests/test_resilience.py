@@ -280,8 +280,9 @@ def test_out_of_memory_is_answered_with_the_params_to_lower(tmp_path, tiny_model
 
     tiny_params["model"]["name"] = str(tiny_model)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params))
-    write_jsonl(tmp_path / "data/prepared/train.jsonl", [
-        {"prompt": [{"role": "user", "content": "1+1?"}], "answer": "2", "question": "1+1?"}] * 8)
+    for split in ("train", "test"):  # test: the held-out curve's problems
+        write_jsonl(tmp_path / f"data/prepared/{split}.jsonl", [
+            {"prompt": [{"role": "user", "content": "1+1?"}], "answer": "2", "question": "1+1?"}] * 8)
     monkeypatch.chdir(tmp_path)
 
     def out_of_memory(self, **kwargs):  # a CPU cannot run out of CUDA memory: raise what CUDA would
