@@ -215,8 +215,7 @@ def summarize(work: Path, runs: list[tuple[str, int]], out: Path, model_label: s
 
 
 def heldout_curve(tsv: Path) -> list[dict]:
-    header, *lines = tsv.read_text().splitlines()
-    return [{k: float(v) for k, v in zip(header.split("\t"), line.split("\t"), strict=True)} for line in lines]
+    return [{k: float(v) for k, v in row.items()} for row in training.read_curve(tsv)]
 
 
 def plot(summary: dict, path: Path) -> None:

@@ -601,6 +601,12 @@ CURVE_COLUMNS = ("step", "minutes", "accuracy", "accuracy_lenient", "format_adhe
                  "problems")
 
 
+def read_curve(tsv: Path) -> list[dict[str, str]]:
+    """HeldOutCurve's TSV as one {column: text} per point."""
+    header, *lines = Path(tsv).read_text().splitlines()
+    return [dict(zip(header.split("\t"), line.split("\t"), strict=True)) for line in lines]
+
+
 def curve_engine(p: Params) -> str:
     """The held-out curve's engine: TRL's colocated vLLM engine where the trainer has one in this process (the
     evaluate stage's engine), else HF generate on the policy itself (a `trl vllm-serve` server, Unsloth's
@@ -626,8 +632,6 @@ class HeldOutCurve(TrainerCallback):
         return self
 
     def on_train_begin(self, args, state, control, **kwargs):
-        import time
-
         rows = self._rows()
         if self.resume:  # the points after the checkpoint are about to be measured again
             rows = [row for row in rows if int(row["step"]) <= state.global_step]
@@ -646,8 +650,6 @@ class HeldOutCurve(TrainerCallback):
             self._measure(step)
 
     def _measure(self, step: int) -> None:
-        import time
-
         if not self.records:  # eval.during_training_problems: 0 (the TSV stays, header only, for DVC)
             return
         from .evaluation import generate_hf, generate_vllm, score
@@ -681,10 +683,7 @@ class HeldOutCurve(TrainerCallback):
         self.last_clock = time.perf_counter()
 
     def _rows(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        header, *lines = self.path.read_text().splitlines()
-        return [dict(zip(header.split("\t"), line.split("\t"), strict=True)) for line in lines]
+        return read_curve(self.path) if self.path.is_file() else []
 
     def _write(self, rows: list[dict]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
