@@ -4,9 +4,10 @@
          bf16, with the real Qwen2.5 tokenizer files beside it.
   run    for every (recipe, seed): a git workspace holding this repository's files and params.yaml with
          the recipe's overrides, then dvc.yaml's own commands for prepare, evaluate_base, train and
-         evaluate. evaluate_base is greedy and seed-independent, so it runs once and is copied. Runs go
-         in parallel processes (a 0.5B model leaves most of an H200 idle), their vLLM engines started
-         --stagger-s apart. With --hf-agreement, the base is also evaluated with HF generate, to compare
+         evaluate. evaluate_base is greedy and seed-independent, so it runs once and is copied. The trainings
+         go in parallel processes (a 0.5B model leaves most of an H200 idle), their vLLM engines started
+         one at a time; the evaluations run one after another. A failed run leaves the others running
+         and out of summary.json, and the command exits non-zero. With --hf-agreement, the base is also evaluated with HF generate, to compare
          with vLLM problem by problem. Writes <out>/summary.json: {"model", "runs": [{"recipe", "seed",
          "params", "train_minutes", "base", "trained", "curves", "heldout"}], "agreement"}; "heldout" is
          the train stage's own held-out curve (reports/train/eval_curve.tsv).
@@ -20,6 +21,7 @@ import argparse
 import gzip
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -42,6 +44,7 @@ RECIPES = {
     "lr1e-5": {"train.learning_rate": 1e-5, "train.max_grad_norm": 0.1},
     "lr2e-5": {"train.learning_rate": 2e-5, "train.max_grad_norm": 0.1},
     "lr5e-5": {"train.learning_rate": 5e-5, "train.max_grad_norm": 0.1},
+    "lr5e-5-clip1": {"train.learning_rate": 5e-5, "train.max_grad_norm": 1.0},
     "collapse": {"train.reward_weights": {"correctness": 2.0, "format": 0.5, "single_number": 0.5, "tag_count": 0.5},
                  "train.learning_rate": 5.0e-5},
     "correctness": {"train.reward_weights": {"correctness": 1.0}, "train.learning_rate": 2.0e-5},
@@ -137,47 +140,57 @@ def cmd_run(a) -> None:
         for job in [pool.submit(run_stage, spaces[key], "prepare", logs[key]) for key in runs]:
             job.result()
 
-    def base_eval():
-        run_stage(first, "evaluate_base", logs[runs[0]])
-        return json.loads((first / "reports/eval_base/metrics.json").read_text())
-
     def hf_base_eval():
         hf = smoke.bench_workspace(work / "hf-base", smoke.params_with(config.read_yaml(first / "params.yaml"),
                                                           {"generation.use_vllm": False}))
         run_stage(hf, "prepare", out / "hf-base.log")
         run_stage(hf, "evaluate_base", out / "hf-base.log")
-        return hf
 
-    def train(key):
-        # vLLM sizes its KV cache from the GPU memory that appears while it profiles, other processes' too:
-        # the engines start one by one, --stagger-s apart, the base evaluation's first.
-        time.sleep(a.stagger_s * (runs.index(key) + 1))
-        ws = spaces[key]
-        run_stage(ws, "train", logs[key], port=29600 + runs.index(key))
+    # vLLM sizes its KV cache from the free memory it sees while it profiles: another process that allocates or
+    # frees memory meanwhile makes it fail ("No available memory for the cache blocks", "Error in memory
+    # profiling"; 2 of 6 runs on 2026-12-04 with fixed 20 s staggers). So one engine starts at a time: the base
+    # evaluation alone, then each training once the one before has finished its first step (its memory settled),
+    # and the evaluations one after another.
+    run_stage(first, "evaluate_base", logs[runs[0]])
+    log(f"base: {json.loads((first / 'reports/eval_base/metrics.json').read_text())}")
+    if a.hf_agreement:
+        hf_base_eval()
+    for key, ws in spaces.items():
+        if ws != first:
+            shutil.copytree(first / "reports/eval_base", ws / "reports/eval_base", dirs_exist_ok=True)
 
-    with ThreadPoolExecutor(max_workers=len(runs) + 2) as pool:
-        base_job = pool.submit(base_eval)
-        hf_job = pool.submit(hf_base_eval) if a.hf_agreement else None
-        train_jobs = [pool.submit(train, key) for key in runs]
-        log(f"base: {base_job.result()}")
-        hf_job and hf_job.result()
-        for key, ws in spaces.items():
-            if ws != first:
-                shutil.copytree(first / "reports/eval_base", ws / "reports/eval_base", dirs_exist_ok=True)
-        for job in train_jobs:
-            job.result()
-
-    def evaluate(key):  # engines started apart, as for training: each sizes its KV cache alone
-        time.sleep(a.eval_stagger_s * runs.index(key))
-        run_stage(spaces[key], "evaluate", logs[key])
-
+    failed = {}
     with ThreadPoolExecutor(max_workers=len(runs)) as pool:
-        for job in [pool.submit(evaluate, key) for key in runs]:
-            job.result()
-    summarize(work, runs, out, a.model_label or str(model))
+        jobs = {}
+        for i, key in enumerate(runs):
+            if i:
+                wait_first_step(logs[runs[i - 1]], jobs[runs[i - 1]])
+            jobs[key] = pool.submit(run_stage, spaces[key], "train", logs[key], 29600 + i)
+        for key, job in jobs.items():
+            if job.exception():
+                failed[key] = str(job.exception())
+    for key in runs:
+        if key not in failed:
+            try:
+                run_stage(spaces[key], "evaluate", logs[key])
+            except RuntimeError as err:
+                failed[key] = str(err)
+    for key, why in failed.items():
+        log(f"FAILED {key[0]} seed {key[1]}: {why}")
+    done = [key for key in runs if key not in failed]
+    if done:
+        summarize(work, done, out, a.model_label or str(model), first)
+    if failed:
+        sys.exit(f"{len(failed)} of {len(runs)} runs failed; summary.json holds the others")
 
 
-def summarize(work: Path, runs: list[tuple[str, int]], out: Path, model_label: str) -> dict:
+def wait_first_step(logfile: Path, job, poll_s: float = 2.0) -> None:
+    """Until the train stage writing ``logfile`` has printed a step's line (training.StepLine) or ended."""
+    while not job.done() and not re.search(r"^step \d+/", logfile.read_text(), re.MULTILINE):
+        time.sleep(poll_s)
+
+
+def summarize(work: Path, runs: list[tuple[str, int]], out: Path, model_label: str, first: Path | None = None) -> dict:
     """summary.json from the runs' workspaces (the stages' own metrics), with their predictions beside it."""
     results = []
     for recipe, seed in runs:
@@ -197,7 +210,7 @@ def summarize(work: Path, runs: list[tuple[str, int]], out: Path, model_label: s
                         "heldout": heldout_curve(ws / "reports/train/eval_curve.tsv")})
         log(f"{recipe} seed {seed}: {metrics['delta']}")
         keep_predictions(ws / "reports/eval/predictions.jsonl", out / f"{recipe}-s{seed}-eval.jsonl.gz")
-    first = work / f"{runs[0][0]}-s{runs[0][1]}"
+    first = first or work / f"{runs[0][0]}-s{runs[0][1]}"  # the workspace that ran evaluate_base
     keep_predictions(first / "reports/eval_base/predictions.jsonl", out / "base-eval_base.jsonl.gz")
     summary = {"model": model_label, "runs": results, "versions": run_info["versions"]}
     hf = work / "hf-base"
@@ -271,9 +284,6 @@ def main() -> None:
                    help=f"recipe:seed pairs; recipes: {', '.join(RECIPES)}")
     r.add_argument("--set", nargs="*", default=[], help="more params overrides, e.g. train.max_steps=60")
     r.add_argument("--hf-agreement", action="store_true", help="also evaluate the base with HF generate")
-    r.add_argument("--stagger-s", type=float, default=0, help="seconds between the starts of parallel runs")
-    r.add_argument("--eval-stagger-s", type=float, default=0,
-                   help="seconds between the starts of the evaluations (their engines profile memory faster)")
     r.add_argument("--tiny", action="store_true", help="CPU dry run: tiny model, fixture rows, tiny profile")
     r.add_argument("--work", default="/tmp/real_model")
     r.add_argument("--out", default=str(ROOT / "bench/results/real_model"))

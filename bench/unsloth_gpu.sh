@@ -44,7 +44,7 @@ elif [ "$mode" = real ]; then
   step "real model built: $(ls /tmp/coder05 | tr '\n' ' ')"
   python bench/real_model.py run --model /tmp/coder05 --data "$data" --work /tmp/real_unsloth --out "$out/real" \
     --model-label "Qwen/Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, dequantized to bf16)" \
-    --runs batch_scaled:0 batch_scaled:1 --stagger-s 25 \
+    --runs batch_scaled:0 batch_scaled:1 \
     --set model.backend=unsloth model.load_in_4bit=false generation.use_vllm=true \
       generation.vllm_gpu_memory_utilization=0.15 model.gradient_checkpointing=true train.max_steps=50 \
       train.per_device_train_batch_size=8 train.gradient_accumulation_steps=16 > "$out/run.log" 2>&1

@@ -31,8 +31,8 @@ def test_defaults_are_the_reference_recipe():
     assert (p.lora.r, p.lora.alpha) == (64, 64)
     assert set(p.lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     t = p.train
-    assert (t.learning_rate, t.optim, t.warmup_ratio, t.lr_scheduler_type) == (2e-5, "adamw_8bit", 0.1, "cosine")
-    assert (t.weight_decay, t.max_grad_norm, t.num_generations, t.max_completion_length) == (0.1, 1.0, 8, 512)
+    assert (t.learning_rate, t.optim, t.warmup_ratio, t.lr_scheduler_type) == (5e-5, "adamw_8bit", 0.1, "cosine")
+    assert (t.weight_decay, t.max_grad_norm, t.num_generations, t.max_completion_length) == (0.1, 0.1, 8, 512)
     assert "<reasoning>" in p.data.system_prompt and "<answer>" in p.data.system_prompt
 
 
