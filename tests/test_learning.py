@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from grpo_gsm8k import learning
+from bench import learning
 
 SEED = 0
 # Measured over seeds 0-3 (LEARNING.md): held-out accuracy +0.238, +0.223, +0.211, +0.066; correctness
