@@ -8,7 +8,6 @@ at a save; a resume after a reboot reads from disk first, and the Trainer then l
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -62,8 +61,7 @@ def timed(action) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     argv = common.argv_or_sys(argv)
-    parser = argparse.ArgumentParser(prog=f"python -m bench {SCENARIO}", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser(SCENARIO, __doc__)
     parser.add_argument("--config", default="/work/shared/qwen2.5-tokenizer/config.json")
     parser.add_argument("--out", default=str(common.ROOT / "build/bench/checkpoint_verify.json"))
     args = parser.parse_args(argv)
@@ -81,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
         resume_s = [timed(lambda: checkpoint_integrity.problem(folder, marker)) for _ in range(3)]
         assert checkpoint_integrity.problem(folder, marker) is None
         files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.name != training.MARKER}
-    runs = [common.run_entry(name, [{"step": i + 1, "seconds": t["wall_s"], "cpu_s": t["cpu_s"]} for i, t in enumerate(ts)])
+    runs = [common.run_entry(name, [{"step": i + 1, "seconds": t["wall_s"], "cpu_s": t["cpu_s"]}
+                                    for i, t in enumerate(ts)])
             for name, ts in (("marker at save", save_s), ("verify at resume", resume_s))]
     result = common.result(
         SCENARIO, argv, vars(args), runs, "complete",

@@ -75,10 +75,11 @@ def timing_summary(seconds: list[float], warmup: int = 0) -> dict:
             "mean_s": round(sum(timed) / len(timed), 3)}
 
 
-def run_entry(name: str, steps: list[dict], warmup: int = 0, peak_memory_gib: dict | None = None, **fields) -> dict:
-    """One measured run of a result: its per-step timings ({"step", "seconds", ...}), their summary, peak memory."""
-    return {"name": name, "steps": steps, "summary": timing_summary([s["seconds"] for s in steps], warmup),
-            "peak_memory_gib": peak_memory_gib, **fields}
+def run_entry(name: str, steps: list[dict], untimed: int = 0, peak_memory_gib: dict | None = None, **fields) -> dict:
+    """One measured run of a result: its per-step timings ({"step", "seconds", ...}), their summary (the first
+    ``untimed`` steps left out), peak memory, and the scenario's own ``fields``."""
+    return {**fields, "name": name, "steps": steps,
+            "summary": timing_summary([s["seconds"] for s in steps], untimed), "peak_memory_gib": peak_memory_gib}
 
 
 def result(scenario: str, argv: list[str], params: dict, runs: list[dict], status: str, **extra) -> dict:
@@ -128,9 +129,9 @@ class StageFailed(RuntimeError):
 
 
 def run_stage(ws: Path, stage: str, logfile: Path, port: int = 29500) -> float:
-    """dvc.yaml's command for the stage, in the workspace; returns wall seconds, raises StageFailed if it fails. ``port``:
-    torch.distributed's rendezvous port, which TRL's colocated vLLM opens in every training process: one per
-    parallel run."""
+    """dvc.yaml's command for the stage, in the workspace; returns wall seconds, raises StageFailed if it fails.
+    ``port``: torch.distributed's rendezvous port, which TRL's colocated vLLM opens in every training process: one
+    per parallel run."""
     from grpo_gsm8k import config, smoke
 
     cmd = config.read_yaml(ws / "dvc.yaml")["stages"][stage]["cmd"]
@@ -180,3 +181,16 @@ def peak_memory() -> dict | None:
 
 def argv_or_sys(argv: list[str] | None) -> list[str]:
     return sys.argv[1:] if argv is None else list(argv)
+
+
+def parser(scenario: str, doc: str, standin: bool = False):
+    """A scenario's argument parser, its help the module's docstring; ``standin``: the --model and --data of the
+    scenarios that run the stand-in (`python -m bench standin`) on GSM8K's rows."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog=f"python -m bench {scenario}", description=doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    if standin:
+        ap.add_argument("--model", default="/tmp/standin", help="the stand-in (python -m bench standin)")
+        ap.add_argument("--data", default=".carry/gsm8k", help="folder with GSM8K's train.jsonl and test.jsonl")
+    return ap

@@ -8,7 +8,6 @@ prompts, greedy, every completion forced to its full length (the worst case), on
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -23,10 +22,7 @@ log = common.logger("bench")
 
 def main(argv: list[str] | None = None) -> None:
     argv = common.argv_or_sys(argv)
-    ap = argparse.ArgumentParser(prog=f"python -m bench {SCENARIO}", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="/tmp/standin")
-    ap.add_argument("--data", default=".carry/gsm8k")
+    ap = common.parser(SCENARIO, __doc__, standin=True)
     ap.add_argument("--batch-size", type=int, default=None, help="default: eval.batch_size from params.yaml")
     ap.add_argument("--completion", type=int, default=None, help="forced tokens (default eval.max_new_tokens)")
     ap.add_argument("--limit", type=int, default=None, help="time only the N longest prompts")
@@ -54,8 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     prompts = [r["prompt"] for r in records]
     start = time.perf_counter()
     if a.engine == "vllm":  # what stages/evaluate.py runs when generation.use_vllm is true
-        llm = evaluation.load_vllm(a.model, p.model.max_seq_length, a.gpu_memory or p.generation.vllm_gpu_memory_utilization,
-                                   p.model.dtype)
+        llm = evaluation.load_vllm(a.model, p.model.max_seq_length,
+                                   a.gpu_memory or p.generation.vllm_gpu_memory_utilization, p.model.dtype)
         load_s = time.perf_counter() - start
         evaluation.generate_vllm(llm, prompts[:2], 4, min_new_tokens=4)
         common.sync()
@@ -73,14 +69,15 @@ def main(argv: list[str] | None = None) -> None:
     _, metrics = evaluation.score(records, comps)
     prompt_tokens = common.prompt_lengths(tok, prompts)
     n = len(records)
-    # vLLM's engine runs in its own process: this process's peak memory is not its
-    run = common.run_entry("whole test set" if n == total else "longest prompts", [{"step": 1, "seconds": round(secs, 1)}],
-                           peak_memory_gib=common.peak_memory() if a.engine == "hf" else None)
+    peak = common.peak_memory() if a.engine == "hf" else None  # vLLM's engine runs in a process of its own
+    run = common.run_entry("whole test set" if n == total else "longest prompts",
+                           [{"step": 1, "seconds": round(secs, 1)}], peak_memory_gib=peak)
     extra = {"engine": a.engine, "model": a.model, "batch_size": bs if a.engine == "hf" else "vLLM scheduler",
              "forced_completion_tokens": length, "problems": n, "test_set_problems": total,
              "subset": "longest prompts" if n < total else "whole test set",
              "load_seconds": round(load_s, 1), "generate_seconds": round(secs, 1),
-             "problems_per_s": round(n / secs, 2), "completion_tokens_per_s": round(sum(c.tokens for c in comps) / secs),
+             "problems_per_s": round(n / secs, 2),
+             "completion_tokens_per_s": round(sum(c.tokens for c in comps) / secs),
              "completion_lengths": [min(c.tokens for c in comps), max(c.tokens for c in comps)],
              "prompt_tokens_mean": round(sum(prompt_tokens) / n, 1), "prompt_tokens_max": max(prompt_tokens),
              "metrics_sanity": {k: metrics[k] for k in ("problems", "accuracy", "truncation_rate")}}
@@ -91,4 +88,5 @@ def main(argv: list[str] | None = None) -> None:
                                   f"{full_batches} batches of at most this length (upper bound)")
     data = common.result(SCENARIO, argv, vars(a), [run], "complete", **extra)
     log(json.dumps({k: v for k, v in data.items() if k != "versions"}, indent=1, default=str))
-    common.write_json(Path(a.results_dir) / f"{a.out or (f'eval_bs{bs}' if a.engine == 'hf' else 'eval_vllm')}.json", data)
+    name = a.out or (f"eval_bs{bs}" if a.engine == "hf" else "eval_vllm")
+    common.write_json(Path(a.results_dir) / f"{name}.json", data)

@@ -24,7 +24,6 @@ LEARNING.md; tests/test_learning.py is the CI run.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import random
@@ -388,8 +387,7 @@ def trend(values: list[float], part: float = 0.25) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     argv = common.argv_or_sys(argv)
-    parser = argparse.ArgumentParser(prog=f"python -m bench {SCENARIO}", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser(SCENARIO, __doc__)
     parser.add_argument("--size", default="cpu", choices=sorted(SIZES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--control", action="store_true", help="also run the shuffled-reward control")

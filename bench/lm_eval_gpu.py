@@ -18,7 +18,6 @@ bench/results/lm_eval/NAME/, where `python -m bench report` tables them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -62,8 +61,7 @@ def tiny_inputs(a) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = common.argv_or_sys(argv)
-    ap = argparse.ArgumentParser(prog=f"python -m bench {SCENARIO}", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(SCENARIO, __doc__)
     ap.add_argument("--adapter", help="a trained adapter folder (adapter_config.json, adapter_model.safetensors)")
     ap.add_argument("--model", default="/tmp/coder05", help="transformers folder; built from --gguf if missing")
     ap.add_argument("--model-label", default="Qwen/Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, dequantized to bf16)")
@@ -120,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
         summary = common.result(SCENARIO, argv, vars(a), [common.run_entry("stages", steps)], "complete",
                                 model=a.model_label if not a.tiny else "tiny-model", adapter=str(a.adapter),
                                 lora_r=lora_r, stage_seconds=times,
-                                project={side: {k: metrics[side].get(k) for k in PROJECT} for side in ("base", "trained")},
+                                project={side: {k: metrics[side].get(k) for k in PROJECT}
+                                         for side in ("base", "trained")},
                                 lm_eval=metrics.get("lm_eval"))
         common.write_json(out / "summary.json", summary)
         log(f"wrote {out / 'summary.json'}")

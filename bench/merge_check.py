@@ -9,7 +9,6 @@ moves the logits far more than merged and unmerged differ.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import importlib.util
 import json
@@ -27,11 +26,8 @@ log = common.logger("bench")
 
 def main(argv: list[str] | None = None) -> None:
     argv = common.argv_or_sys(argv)
-    ap = argparse.ArgumentParser(prog=f"python -m bench {SCENARIO}", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="/tmp/standin")
+    ap = common.parser(SCENARIO, __doc__, standin=True)
     ap.add_argument("--adapter", required=True)
-    ap.add_argument("--data", default=".carry/gsm8k")
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--workdir", default="/tmp/bench_merge")
     ap.add_argument("--results-dir", default=str(common.ROOT / "build/bench"))

@@ -38,7 +38,6 @@ gloo processes under torchrun. Everything else (workspaces, the split, kill and 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -489,8 +488,7 @@ def trl_shim(work: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     argv = common.argv_or_sys(argv)
-    ap = argparse.ArgumentParser(prog=f"python -m bench {SCENARIO}", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(SCENARIO, __doc__)
     ap.add_argument("phase", choices=tuple(PHASES))
     ap.add_argument("--arch", type=Path, required=True, help="folder with the real model's config.json")
     ap.add_argument("--data", type=Path, required=True, help="folder with GSM8K train.jsonl and test.jsonl")
@@ -563,13 +561,15 @@ def envelope(a, summary: dict) -> dict:
     runs = []
     for name, r in sorted(launches.items()):
         timed = set(r.get("speed", {}).get("timed_steps", []))
-        steps = [{"step": step, "seconds": s, "timed": step in timed} for step, s in r.get("curves", {}).get("step_time", [])]
+        steps = [{"step": step, "seconds": s, "timed": step in timed}
+                 for step, s in r.get("curves", {}).get("step_time", [])]
+        spread = {k: r["speed"][k] for k in ("median_s", "min_s", "max_s")} if timed else {}
         runs.append({"name": name, "steps": steps, "peak_memory_gib": None, "checks_passed": all(r["checks"].values()),
-                     "summary": {"timed_steps": len(timed), **({k: r["speed"][k] for k in ("median_s", "min_s", "max_s")}
-                                                              if timed else {})}})
+                     "summary": {"timed_steps": len(timed), **spread}})
     params = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()
               if k not in ("argv", "deadline", "save")}
-    return common.result(SCENARIO, a.argv, params, runs, "complete" if all(r["checks_passed"] for r in runs) else "failed")
+    status = "complete" if all(r["checks_passed"] for r in runs) else "failed"
+    return common.result(SCENARIO, a.argv, params, runs, status)
 
 
 PHASES = {"zero2": phase_zero2, "vllm": phase_vllm, "scale": phase_scale, "server": phase_server,

@@ -14,7 +14,6 @@ to its token budget.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -39,8 +38,7 @@ def read(path: Path):
 
 def main(argv: list[str] | None = None) -> None:
     argv = common.argv_or_sys(argv)
-    parser = argparse.ArgumentParser(prog=f"python -m bench {SCENARIO}", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser(SCENARIO, __doc__)
     parser.add_argument("--model", required=True, help="the stand-in (python -m bench standin)")
     parser.add_argument("--data", required=True, help="folder with GSM8K train.jsonl and test.jsonl")
     parser.add_argument("--workdir", default="/tmp/pipeline_gpu")
@@ -48,8 +46,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    overrides = {**OVERRIDES, "model.name": str(Path(args.model).resolve()), "data.local_dir": str(Path(args.data).resolve())}
-    ws = smoke.bench_workspace(Path(args.workdir), smoke.params_with(config.read_yaml(common.ROOT / "params.yaml"), overrides))
+    overrides = {**OVERRIDES, "model.name": str(Path(args.model).resolve()),
+                 "data.local_dir": str(Path(args.data).resolve())}
+    params = smoke.params_with(config.read_yaml(common.ROOT / "params.yaml"), overrides)
+    ws = smoke.bench_workspace(Path(args.workdir), params)
     stages = config.read_yaml(ws / "dvc.yaml")["stages"]
     logfile = out / "pipeline_gpu.log"
     logfile.write_text("")
@@ -77,10 +77,12 @@ def main(argv: list[str] | None = None) -> None:
         "effective": {k: effective.get(k) for k in ("per_device_train_batch_size", "gradient_accumulation_steps",
                                                     "num_generations", "max_completion_length", "bf16", "optim",
                                                     "loss_type", "beta", "gradient_checkpointing")},
-        "effective_lora": {k: run.get("effective_lora_config", {}).get(k) for k in ("r", "lora_alpha", "target_modules")},
+        "effective_lora": {k: run.get("effective_lora_config", {}).get(k)
+                           for k in ("r", "lora_alpha", "target_modules")},
         "merged_files": sorted(f"{p.name} {p.stat().st_size}" for p in (ws / "models/merged").glob("*")
                                if p.is_file()) if (ws / "models/merged").is_dir() else None,
-        "checkpoints": sorted(p.name for p in (ws / "checkpoints").iterdir()) if (ws / "checkpoints").is_dir() else None,
+        "checkpoints": (sorted(p.name for p in (ws / "checkpoints").iterdir())
+                        if (ws / "checkpoints").is_dir() else None),
     }
     common.write_json(out / "pipeline_gpu.json", report)
     if (ws / "reports/summary.png").is_file():

@@ -8,11 +8,12 @@ recipes x seeds (LEARNING.md).
          evaluate. evaluate_base is greedy and seed-independent, so it runs once and is copied. The trainings
          go in parallel processes (a 0.5B model leaves most of an H200 idle), their vLLM engines started
          one at a time; the evaluations run one after another. A failed run leaves the others running
-         and out of summary.json, and the command exits non-zero. With --hf-agreement, the base is also evaluated with HF generate, to compare
-         with vLLM problem by problem. Writes <out>/summary.json (the bench result schema, bench/common.py):
-         {"model", "runs": [{"name", "recipe", "seed", "params", "train_minutes", "base", "trained", "curves",
-         "heldout", "steps", "summary"}], "agreement"}; "heldout" is the train stage's own held-out curve
-         (reports/train/eval_curve.tsv), "steps" TRL's step_time per step.
+         and out of summary.json, and the command exits non-zero. With --hf-agreement, the base is also
+         evaluated with HF generate, to compare with vLLM problem by problem. Writes <out>/summary.json (the
+         bench result schema, bench/common.py): {"model", "runs": [{"name", "recipe", "seed", "params",
+         "train_minutes", "base", "trained", "curves", "heldout", "steps", "summary"}], "agreement"};
+         "heldout" is the train stage's own held-out curve (reports/train/eval_curve.tsv), "steps" TRL's
+         step_time per step.
   summarize  summary.json again from the workspaces of an earlier run.
   plot   the curves of one or more summary.json files as a PNG.
 
@@ -186,7 +187,7 @@ def summarize(work: Path, runs: list[tuple[str, int]], out: Path, model_label: s
         run_info = json.loads((ws / "models/adapter/training_run.json").read_text())
         curves = training.read_curves(ws / "reports/train", CURVES)
         steps = [{"step": step, "seconds": seconds} for step, seconds in curves.get("step_time", [])]
-        results.append({**common.run_entry(f"{recipe}-s{seed}", steps, warmup=1),
+        results.append({**common.run_entry(f"{recipe}-s{seed}", steps, untimed=1),
                         "recipe": recipe, "seed": seed, "params": run_info["params"],
                         "effective_grpo_config": {k: run_info["effective_grpo_config"].get(k) for k in (
                             "learning_rate", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
@@ -261,8 +262,7 @@ def plot(summary: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = common.argv_or_sys(argv)
-    ap = argparse.ArgumentParser(prog=f"python -m bench {SCENARIO}", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(SCENARIO, __doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build")
     b.add_argument("--gguf", required=True)

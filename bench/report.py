@@ -13,7 +13,6 @@ issue 31's scaling) leaves a line that names the command that will fill it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import statistics
@@ -150,6 +149,12 @@ class Results:
         newest = sorted(by_path, key=lambda r: self.folder_date(r.run), reverse=True)
         return sorted(newest, key=lambda r: not r.folder.get("current", False))
 
+    def take(self, scenario: str, section: str) -> list[Result]:
+        """``of(scenario)``, each recorded as read by BENCHMARKS.md's ``section`` (the index lists them)."""
+        chosen = self.of(scenario)
+        self.used.setdefault(section, set()).update(r.path for r in chosen)
+        return chosen
+
     def folder_date(self, run: str) -> str:
         schema = [r.data["finished"][:10] for r in self.results if r.run == run and r.schema]
         return str(self.folders.get(run, {}).get("date", "")) or (schema[0] if schema else "?")
@@ -276,8 +281,8 @@ def train_rows(results: Results, chosen: list[Result], section: str) -> list[lis
             floor_text, floor_s = floors(r, entry)
             first = [round(st["seconds"]) for st in entry["steps"][:s["warmup_steps_excluded"]]]
             rows.append(head + [
-                f"**{spread_text(s, unit=' s')}**, {s['timed_steps']} timed" + (f" (untimed: {', '.join(map(str, first))})"
-                                                                     if first else ""),
+                f"**{spread_text(s, unit=' s')}**, {s['timed_steps']} timed"
+                + (f" (untimed: {', '.join(map(str, first))})" if first else ""),
                 f"{s['completion_tokens_per_s']:,.0f}",
                 f"{s['generate_s_per_step']} / {s['rewards_and_bookkeeping_s_per_step']} / {s['train_s_per_step']}",
                 entry.get("load_and_build_s", "n/a"),
@@ -337,33 +342,38 @@ def table_train_sections(results: Results, section: str) -> list[str]:
 # ---------------------------------------------------------------------------------------- eval and merge
 
 
+def eval_floor(r: Result) -> str:
+    """The generation floor of an eval-speed result's batches (vLLM: one call)."""
+    d = r.data
+    gpu = d["gpu"] if r.schema else d
+    if not gpu.get("mem_bw"):
+        return "n/a"
+    size = d["batch_size"] if isinstance(d["batch_size"], int) else d["problems"]
+    shape = standin.shape(standin.QWEN25_3B)
+    batches = [min(size, d["problems"] - k) for k in range(0, d["problems"], size)]
+    return f"{sum(standin.floor_seconds(shape, 0, [], n, d['prompt_tokens_mean'], d['forced_completion_tokens'], gpu['mem_bw'], gpu['matmul_flops'], 16, False)['generate_s'] for n in batches):.1f}"  # noqa: E501
+
+
+def eval_row(r: Result) -> list:
+    d = r.data
+    peak = (r.data["runs"][0]["peak_memory_gib"] or {}).get("allocated") if r.schema else d.get("peak_allocated_gib")
+    full = d.get("full_test_set_seconds_estimate", d["generate_seconds"])
+    est = " (estimate)" if "full_test_set_seconds_estimate" in d else ""
+    return [link(r), r.gpu(), d.get("engine", "hf"), d["batch_size"], f"{d['problems']} ({d['subset']})",
+            d["forced_completion_tokens"], d.get("load_seconds", "n/a"), d["generate_seconds"], d["problems_per_s"],
+            f"{d['completion_tokens_per_s']:,}", f"**{full}**{est}",
+            "n/a (engine process)" if d.get("engine") == "vllm" else peak, eval_floor(r)]
+
+
 def table_eval_speed(results: Results, section: str) -> list[str]:
-    rows = []
-    for r in results.of("eval-speed"):
-        results.used.setdefault(section, set()).add(r.path)
-        d = r.data
-        floor = "n/a"
-        gpu = d["gpu"] if r.schema else d
-        if gpu.get("mem_bw"):
-            size = d["batch_size"] if isinstance(d["batch_size"], int) else d["problems"]  # vLLM: one call
-            shape = standin.shape(standin.QWEN25_3B)
-            floor = f"{sum(standin.floor_seconds(shape, 0, [], min(size, d['problems'] - k), d['prompt_tokens_mean'], d['forced_completion_tokens'], gpu['mem_bw'], gpu['matmul_flops'], 16, False)['generate_s'] for k in range(0, d['problems'], size)):.1f}"  # noqa: E501
-        peak = d.get("peak_allocated_gib") if not r.schema else (r.data["runs"][0]["peak_memory_gib"] or {}).get("allocated")
-        full = d.get("full_test_set_seconds_estimate", d["generate_seconds"])
-        est = " (estimate)" if "full_test_set_seconds_estimate" in d else ""
-        rows.append([link(r), r.gpu(), d.get("engine", "hf"), d["batch_size"], f"{d['problems']} ({d['subset']})",
-                     d["forced_completion_tokens"], d.get("load_seconds", "n/a"), d["generate_seconds"],
-                     d["problems_per_s"], f"{d['completion_tokens_per_s']:,}", f"**{full}**{est}",
-                     "n/a (engine process)" if d.get("engine") == "vllm" else peak, floor])
     return table(["result", "GPU", "engine", "batch size", "problems", "forced tokens", "load s", "generate s",
                   "problems/s", "completion tok/s", "whole test set (1,319) s", "peak alloc GiB",
-                  "floor s (same problems)"], rows)
+                  "floor s (same problems)"], [eval_row(r) for r in results.take("eval-speed", section)])
 
 
 def table_merge(results: Results, section: str) -> list[str]:
     rows = []
-    for r in results.of("merge"):
-        results.used.setdefault(section, set()).add(r.path)
+    for r in results.take("merge", section):
         d = r.data
         mu, bm, u32 = d["merged_vs_unmerged"], d["base_vs_merged"], d["unmerged_bf16_vs_fp32"]
         rows.append([link(r), r.gpu(), r.label(d["model"]), d["prompts"], d["tokens_compared"],
@@ -380,8 +390,7 @@ def table_merge(results: Results, section: str) -> list[str]:
 
 def table_pipeline(results: Results, section: str) -> list[str]:
     rows, stages = [], []
-    for r in results.of("pipeline"):
-        results.used.setdefault(section, set()).add(r.path)
+    for r in results.take("pipeline", section):
         stages = stages or list(r.data["stages"])
         o = r.data["overrides"]
         flat = {f"{s}.{k}": v for s, kv in o.items() for k, v in kv.items()} if "train" in o else o
@@ -402,8 +411,7 @@ def multi_gpu_legs(r: Result) -> list[tuple[str, dict]]:
 
 def table_multi_gpu(results: Results, section: str) -> list[str]:
     rows = []
-    for r in results.of("ddp-check"):
-        results.used.setdefault(section, set()).add(r.path)
+    for r in results.take("ddp-check", section):
         d = r.data
         rows.append([link(r), r.folder.get("gpu", "?"), r.label("ddp"), f"{d['gpus']} train",
                      f"{d['completions_per_step']} completions", "", f"{len(d['logged_steps'])} steps",
@@ -441,8 +449,7 @@ def table_multi_gpu_scaling(results: Results, section: str) -> list[str]:
 
 def table_checkpoint_verify(results: Results, section: str) -> list[str]:
     rows = []
-    for r in results.of("checkpoint-verify"):
-        results.used.setdefault(section, set()).add(r.path)
+    for r in results.take("checkpoint-verify", section):
         d = r.data
         cpu = lambda ts: f"{min(t['cpu_s'] for t in ts):.2f} ({min(t['wall_s'] for t in ts):.1f}-{max(t['wall_s'] for t in ts):.1f} wall)"  # noqa: E731,E501
         rows.append([link(r), r.gpu(), f"{d['lora_params']:,}", f"{d['checkpoint_bytes'] / 1e9:.2f}",
@@ -455,18 +462,20 @@ def table_checkpoint_verify(results: Results, section: str) -> list[str]:
 # --------------------------------------------------------------------------------------- learning, lm-eval
 
 
+def prompts(train: dict) -> int:
+    return train["per_device_train_batch_size"] * train["gradient_accumulation_steps"] // train["num_generations"]
+
+
 def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
 def table_real_model(results: Results, section: str) -> list[str]:
     rows = []
-    for r in results.of("real-model"):
-        results.used.setdefault(section, set()).add(r.path)
+    for r in results.take("real-model", section):
         for run in r.data["runs"]:
             t, b, train = run["trained"], run["base"], run["params"]["train"]
-            batch = (f"{train['per_device_train_batch_size'] * train['gradient_accumulation_steps'] // train['num_generations']}"
-                     f" prompts x {train['num_generations']}, {train['max_completion_length']} tokens")
+            batch = f"{prompts(train)} prompts x {train['num_generations']}, {train['max_completion_length']} tokens"
             backend = run["params"]["model"]["backend"] + (", 4-bit" if run["params"]["model"]["load_in_4bit"] else "")
             rows.append([link(r), r.gpu(), run["recipe"], backend, run["seed"], train["max_steps"], batch,
                          f"{num(train['learning_rate'])} / {num(train['max_grad_norm'])}", run["train_minutes"],
@@ -479,15 +488,27 @@ def table_real_model(results: Results, section: str) -> list[str]:
 
 
 def table_lm_eval(results: Results, section: str) -> list[str]:
+    """Per result: the project's grader (strict, lenient) and each lm-eval task and filter, base -> trained."""
     rows = []
-    for r in results.of("lm-eval"):
-        results.used.setdefault(section, set()).add(r.path)
-        for side, block in sorted((r.data.get("lm_eval") or {}).items()):
-            for task, value in sorted(block.items()) if isinstance(block, dict) else []:
-                rows.append([link(r), r.gpu(), side, task, json.dumps(value)[:120]])
+    for r in results.take("lm-eval", section):
+        d, gpu = r.data, r.gpu()
+        p = d["project"]
+        rows.append([link(r), gpu, "the project's grader", "strict / lenient", p["base"]["problems"],
+                     f"{pct(p['base']['accuracy'])} / {pct(p['base']['accuracy_lenient'])}",
+                     f"{pct(p['trained']['accuracy'])} / {pct(p['trained']['accuracy_lenient'])}", d["stage_seconds"]])
+        lm = d.get("lm_eval") or {}
+        for task, block in sorted(lm.get("trained", {}).items()):
+            base = lm.get("base", {}).get(task, {}).get("filters", {})
+            for name, value in sorted(block["filters"].items()):
+                before = base.get(name)
+                rows.append([link(r), gpu, f"`{block['task']}` ({block['num_fewshot']}-shot"
+                             + (", chat template)" if block.get("chat_template") else ")"), name, block["problems"],
+                             f"{before['exact_match']:.3f} ± {before['stderr']:.3f}" if before else "n/a",
+                             f"{value['exact_match']:.3f} ± {value['stderr']:.3f}", lm.get("seconds", {}).get(
+                                 "trained", {}).get(task, "")])
     if not rows:
         return pending("lm-eval")
-    return table(["result", "GPU", "model", "task", "value"], rows)
+    return table(["result", "GPU", "evaluation", "filter", "problems", "base", "trained", "seconds"], rows)
 
 
 def learning_runs(r: Result) -> list[dict]:
@@ -496,15 +517,15 @@ def learning_runs(r: Result) -> list[dict]:
 
 def table_learning(results: Results, section: str) -> list[str]:
     rows = []
-    for r in results.of("learning"):
-        results.used.setdefault(section, set()).add(r.path)
+    for r in results.take("learning", section):
         runs = learning_runs(r)
         size = r.file.get("size") or runs[0]["size"]  # runs.yaml's where the file says "custom"
         for lr in sorted({x.get("learning_rate") for x in runs}, key=lambda v: -(v or 0)):
             for control in (False, True):
-                gains = [x["after"] - x["before"] for x in runs if x["control"] == control and x.get("learning_rate") == lr]
+                chosen = [x for x in runs if x["control"] == control and x.get("learning_rate") == lr]
+                gains = [x["after"] - x["before"] for x in chosen]
                 if gains:
-                    seeds = sorted(x["seed"] for x in runs if x["control"] == control and x.get("learning_rate") == lr)
+                    seeds = sorted(x["seed"] for x in chosen)
                     rows.append([link(r), r.gpu(), size, "n/a" if lr is None else num(lr),
                                  "shuffled control" if control else "GRPO", ", ".join(map(str, seeds)),
                                  f"{statistics.median(gains):+.3f} ({min(gains):+.3f} to {max(gains):+.3f})"])
@@ -533,9 +554,9 @@ def current_figure(results: Results, entry: dict) -> list:
         runs = [x for x in r.data["runs"] if x["recipe"] == entry.get("recipe", x["recipe"])]
         gains = ", ".join(f"{100 * x['delta']['accuracy_lenient']:+.1f}" for x in runs)
         t = runs[0]["params"]["train"]
-        figure = f"lenient accuracy **{gains} points** ({runs[0]['recipe']}, seeds {', '.join(str(x['seed']) for x in runs)})"
-        batch = (f"{t['per_device_train_batch_size'] * t['gradient_accumulation_steps'] // t['num_generations']} prompts x "
-                 f"{t['num_generations']}, {t['max_steps']} steps, lr {num(t['learning_rate'])}")
+        seeds = ", ".join(str(x["seed"]) for x in runs)
+        figure = f"lenient accuracy **{gains} points** ({runs[0]['recipe']}, seeds {seeds})"
+        batch = f"{prompts(t)} prompts x {t['num_generations']}, {t['max_steps']} steps, lr {num(t['learning_rate'])}"
     elif r.scenario == "checkpoint-verify":
         d = r.data
         figure = (f"**{min(t['cpu_s'] for t in d['verify_at_resume_s']):.2f} CPU s** to verify a "
@@ -544,7 +565,7 @@ def current_figure(results: Results, entry: dict) -> list:
     elif r.scenario == "learning":
         runs = learning_runs(r)
         gains = [x["after"] - x["before"] for x in runs if not x["control"]]
-        figure = f"held-out gain **{min(gains):+.2f} to {max(gains):+.2f}** on {len(gains)} seeds; shuffled control falls"
+        figure = f"held-out gain **{min(gains):+.2f} to {max(gains):+.2f}** on {len(gains)} seeds"
         batch = entry.get("batch", "")
     else:
         figure, batch = entry.get("figure", ""), entry.get("batch", "")
@@ -667,7 +688,8 @@ def index(results: Results, docs: dict[str, str]) -> str:
             for name in results.runs[run]:
                 note = file_entry(folder, name).get("note")
                 extra = [results.status(run, name)] if results.status(run, name) != status else []
-                files.append(f"`{name}`" + (f" ({': '.join(extra + ([note] if note else []))})" if extra or note else ""))
+                said = extra + ([note] if note else [])
+                files.append(f"`{name}`" + (f" ({': '.join(said)})" if said else ""))
             gpu = folder.get("gpu") or next((r.gpu() for r in results.results if r.run == run), "?")
             rows.append([f"`{run}/`", results.folder_date(run), gpu, status, results.command(run),
                          f"{len(files)}: " + ", ".join(files)])
@@ -690,8 +712,7 @@ def render(root: Path = RESULTS, template: Path = TEMPLATE, docs_root: Path = RO
 
 def main(argv: list[str] | None = None) -> None:
     argv = common.argv_or_sys(argv)
-    ap = argparse.ArgumentParser(prog="python -m bench report", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser("report", __doc__)
     ap.add_argument("--check", action="store_true", help="write nothing; exit 1 if a file would change or a problem")
     a = ap.parse_args(argv)
     bench_md, index_md, problems = render()

@@ -10,7 +10,6 @@ as a dry run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import time
@@ -65,7 +64,8 @@ def build(tokenizer: Path, out: Path, tiny: bool = False) -> Path:
 
 def shape(config: dict) -> dict:
     """What the floors need of a model: its matrices per layer, LM head and KV cache per token."""
-    h, i, layers, v = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"], config["vocab_size"]
+    h, i = config["hidden_size"], config["intermediate_size"]
+    layers, v = config["num_hidden_layers"], config["vocab_size"]
     heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
     hd = config.get("head_dim") or h // heads
     proj = {"q_proj": (h, heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd), "o_proj": (heads * hd, h),
@@ -91,8 +91,7 @@ def floor_seconds(shape: dict, lora_r: int, targets: list[str], completions: int
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m bench standin", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser("standin", __doc__)
     ap.add_argument("--tokenizer", required=True, type=Path, help="folder with config.json and the tokenizer files")
     ap.add_argument("--out", default=Path("/tmp/standin"), type=Path)
     ap.add_argument("--tiny", action="store_true")

@@ -238,7 +238,8 @@ def parse_trainer_args(pairs: list[str]) -> dict:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--trainer-arg {pair!r}: expected KEY=VALUE, e.g. vllm_importance_sampling_correction=false")
+            raise SystemExit(f"--trainer-arg {pair!r}: expected KEY=VALUE, e.g. "
+                             "vllm_importance_sampling_correction=false")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -283,12 +284,9 @@ def status_of(runs: list[dict], wanted: int) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    t = argparse.ArgumentParser(prog=f"python -m bench {SCENARIO}", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    t = common.parser(SCENARIO, __doc__, standin=True)
     t.add_argument("--backend", choices=("unsloth", "transformers"), required=True)
     t.add_argument("--params", default=str(common.ROOT / "params.yaml"), help="the params each config starts from")
-    t.add_argument("--model", default="/tmp/standin")
-    t.add_argument("--data", default=".carry/gsm8k")
     t.add_argument("--configs", nargs="+", default=["reference", "defaults"], choices=sorted(CONFIGS))
     t.add_argument("--steps", type=int, default=3, help="optimizer steps for the reference (first is warm-up)")
     t.add_argument("--steps-big", type=int, default=3, help="optimizer steps for the other configs")
@@ -315,7 +313,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = common.argv_or_sys(argv)
     a = parser().parse_args(argv)
     p = config.load(a.params)
-    p = config.replace(p, model={"name": str(Path(a.model).resolve()), "backend": a.backend, "load_in_4bit": not a.bf16},
+    p = config.replace(p, model={"name": str(Path(a.model).resolve()), "backend": a.backend,
+                                 "load_in_4bit": not a.bf16},
                        generation={"use_vllm": a.vllm, "vllm_mode": "colocate",
                                    **({"vllm_gpu_memory_utilization": a.gpu_memory} if a.gpu_memory else {})})
     engine = "vllm" if a.vllm else "hf"
@@ -338,7 +337,8 @@ def main(argv: list[str] | None = None) -> None:
     sample = common.prompt_lengths(modeling.load_tokenizer(a.model), [r["prompt"] for r in records[:1000]])
     model_config = json.loads((Path(a.model) / "config.json").read_text())
     runs: list[dict] = []
-    extra = {"backend": a.backend, "engine": engine, "base_precision": "4-bit" if p.model.load_in_4bit else p.model.dtype,
+    extra = {"backend": a.backend, "engine": engine,
+             "base_precision": "4-bit" if p.model.load_in_4bit else p.model.dtype,
              "model": a.model, "model_config": {k: model_config.get(k) for k in standin.SHAPE_KEYS},
              "params_base": config.as_dict(p), "trainer_overrides": overrides,
              "train_prompt_tokens_mean": round(sum(sample) / len(sample), 1)}
@@ -354,7 +354,8 @@ def main(argv: list[str] | None = None) -> None:
             # lengths from TRL's own logs when the wrapper could not see them
             for s, row in zip(steps, trainer.state.log_history):
                 if "completions/mean_length" in row:
-                    s["completion_tokens"] = round(row["completions/mean_length"] * entry["batch"]["completions_per_step"])
+                    per_step = entry["batch"]["completions_per_step"]
+                    s["completion_tokens"] = round(row["completions/mean_length"] * per_step)
         entry.update(steps=steps, summary=summarise(steps, a.warmup), micro_batch_seconds=timer.micro,
                      peak_memory_gib=common.peak_memory(),
                      trl_logs=[{k: v for k, v in row.items() if k.startswith(TRL_LOG_KEYS)}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import common
+from bench import common, report
 from bench.__main__ import SCENARIOS
 from grpo_gsm8k.config import read_yaml
 
@@ -52,7 +52,8 @@ def test_the_device_helper_runs_a_command_in_the_background_and_brings_back_what
     work, out = tmp_path / "session", tmp_path / "out"
     out.mkdir()
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "OUT": str(out)}
-    script = "import os; print('[bench 00:00:00] from', os.getcwd()); open('written.txt', 'w').write('x'); raise SystemExit(3)"
+    script = ("import os; print('[bench 00:00:00] from', os.getcwd()); open('written.txt', 'w').write('x'); "
+              "raise SystemExit(3)")
     started = subprocess.run(["bash", "bench/device.sh", "start", str(work), sys.executable, "-c", script], cwd=ROOT,
                              env=env, capture_output=True, text=True, timeout=60)
     assert started.returncode == 0 and "started in the background" in started.stdout, started.stderr
@@ -86,12 +87,39 @@ def test_eval_speed_on_cpu_writes_one_result_of_the_schema(tiny_model, tmp_path)
         result["generate_seconds"] / 2 * -(-result["test_set_problems"] // 4), abs=0.2)
 
 
+@pytest.mark.slow
+def test_lm_eval_dry_run_writes_its_result_and_the_report_tables_it(tmp_path):
+    """`python -m bench lm-eval --tiny` (the tiny model, the fixture rows, HF generate) through the evaluate stages;
+    its summary, kept where GPU results will land, fills BENCHMARKS.md's lm-eval table."""
+    out = tmp_path / "results/lm_eval/tiny"
+    proc = subprocess.run([sys.executable, "-m", "bench", "lm-eval", "--tiny", "--work", str(tmp_path / "ws"),
+                           "--out", str(out), "--set", "lm_eval.max_problems=2"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert common.check(summary) == [] and summary["status"] == "complete"
+    assert [s["step"] for s in summary["runs"][0]["steps"]] == ["prepare", "evaluate_base", "evaluate"]
+    tasks = summary["lm_eval"]["trained"]
+    assert {t["task"] for t in tasks.values()} == {"gsm8k", "gsm8k_cot_zeroshot"}
+    assert all(t["problems"] == 2 for t in tasks.values())
+
+    (tmp_path / "results/runs.yaml").write_text("runs: {}\n")
+    (tmp_path / "t.md").write_text("# B\n\n## lm-eval\n\n{{lm-eval}}\n")
+    bench_md, index_md, problems = report.render(tmp_path / "results", tmp_path / "t.md", tmp_path)
+    assert problems == [] and "Not measured yet" not in bench_md
+    rows = [line for line in bench_md.splitlines() if line.startswith("| `lm_eval/tiny/summary.json` |")]
+    assert len(rows) == 1 + 2 * len(tasks)  # the project's grader, then each task's strict-match and flexible-extract
+    assert any("`gsm8k` (5-shot, chat template) | strict-match | 2 |" in row for row in rows)
+    assert "| `lm_eval/<name>/` | landed |" in index_md
+
+
 def test_checkpoint_verify_on_a_small_config_times_both_sides_and_verifies(tmp_path):
     config = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
               "num_key_value_heads": 2}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    proc = subprocess.run([sys.executable, "-m", "bench", "checkpoint-verify", "--config", str(tmp_path / "config.json"),
-                           "--out", str(tmp_path / "cv.json")], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "bench", "checkpoint-verify", "--config",
+                           str(tmp_path / "config.json"), "--out", str(tmp_path / "cv.json")],
+                          capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "cv.json").read_text())
     assert common.check(result) == [] and [r["name"] for r in result["runs"]] == ["marker at save", "verify at resume"]

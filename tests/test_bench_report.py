@@ -83,16 +83,11 @@ def test_a_result_in_the_schema_that_lacks_a_field_is_a_problem(tmp_path):
     assert "lm_eval/cpu/summary.json: lacks runs[stages].steps" in problems
 
 
-def test_the_pending_tables_fill_in_when_their_results_land(tmp_path):
+def test_a_pending_table_names_the_command_that_will_fill_it(tmp_path):
     root = _results_copy(tmp_path, figures=False)
     template = tmp_path / "t.md"
-    template.write_text("# B\n\n## lm-eval\n\n{{lm-eval}}\n")
-    assert "Not measured yet: lm-evaluation-harness" in report.render(root, template, tmp_path)[0]
-    lm = common.result("lm-eval", ["--tiny"], {}, [common.run_entry("stages", [{"step": "evaluate", "seconds": 3.0}])],
-                       "complete", lm_eval={"trained": {"gsm8k_5shot_strict": 0.25}})
-    (root / "lm_eval/tiny").mkdir(parents=True)
-    (root / "lm_eval/tiny/summary.json").write_text(json.dumps(lm))
+    template.write_text("# B\n\n## lm-eval\n\n{{lm-eval}}\n\n## Scaling\n\n{{multi-gpu-scaling}}\n")
     bench_md, index_md, problems = report.render(root, template, tmp_path)
-    assert problems == [] and "Not measured yet" not in bench_md
-    assert "| `lm_eval/tiny/summary.json` | cpu | trained | gsm8k_5shot_strict | 0.25 |" in bench_md
-    assert "| `lm_eval/<name>/` | landed |" in index_md
+    assert problems == [] and "`python -m bench lm-eval --adapter DIR --out $OUT/lm_eval` writes it" in bench_md
+    assert "`bash bench/multi_gpu.sh scale --gpus 1` writes it" in bench_md
+    assert "| `lm_eval/<name>/` | not yet |" in index_md

@@ -160,8 +160,8 @@ def test_sampling_curves_are_read_as_dvclive_writes_them(tmp_path):
 def test_refusals_before_any_work(tmp_path, arch, argv, env, message):
     args = [*SCENARIO, argv[0], "--arch", str(arch), "--data", str(ROOT / "tests/fixtures/gsm8k"),
             "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), *argv[1:]]
-    proc = subprocess.run(args, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **env},
-                          cwd=ROOT)
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **env})
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr
     assert not (tmp_path / "work").exists()
 
