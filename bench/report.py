@@ -24,7 +24,6 @@ from bench import common, standin
 
 ROOT, RESULTS = common.ROOT, common.RESULTS
 TEMPLATE = ROOT / "bench" / "BENCHMARKS.in.md"
-MANIFEST = RESULTS / "runs.yaml"
 QUOTING_DOCS = ("README.md", "LEARNING.md")
 STATUS_WORDS = ("complete", "partial", "unfinished", "failed", "lost", "superseded", "notes")
 LEGACY_KINDS = {"train": "train-speed", "eval": "eval-speed", "merge": "merge"}
@@ -53,7 +52,8 @@ class Result:
 
     @property
     def run(self) -> str:
-        return self.path.rsplit("/", 1)[0]
+        """Its run folder, <scenario>/<run> (a file may sit deeper in it)."""
+        return "/".join(self.path.split("/")[:2])
 
     @property
     def schema(self) -> bool:
@@ -137,9 +137,13 @@ class Results:
         for run in self.folders:
             if run not in self.runs:
                 self.problems.append(f"runs.yaml: {run}/ does not exist")
+            statuses = {"": self.folders[run].get("status", "complete")}
             for name in self.folders[run].get("files", {}):
+                statuses[name] = file_entry(self.folders[run], name).get("status") or "complete"
                 if name not in self.runs.get(run, []):
                     self.problems.append(f"runs.yaml: {run}/{name} does not exist")
+            self.problems += [f"runs.yaml: {run}/{name}: status {status!r} is none of {', '.join(STATUS_WORDS)}"
+                              for name, status in statuses.items() if status not in STATUS_WORDS]
         self.used: dict[str, set[str]] = {}  # BENCHMARKS.md section -> results its tables read
 
     def of(self, scenario: str) -> list[Result]:

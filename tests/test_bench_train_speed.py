@@ -99,6 +99,26 @@ def test_the_report_tables_a_new_levers_result_where_it_lands(trained, tmp_path)
     assert f"| {result['finished'][:10]} |" in folder
 
 
+def test_speed_levers_sh_prints_the_summary_of_a_result_in_the_schema(trained):
+    """bench/speed_levers.sh's own summary lines (its inline Python) over a train-speed result: what a GPU call
+    prints of each lever, read here from a CPU run of one."""
+    out, result = trained
+    script = (ROOT / "bench/speed_levers.sh").read_text()
+    code = script.split("<<'EOF'\n", 1)[1].split("\nEOF\n", 1)[0]
+    proc = subprocess.run([sys.executable, "-c", code, str(out / "levers.json")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    status, line = proc.stdout.splitlines()
+    s = result["runs"][0]["summary"]
+    assert status == "status complete"
+    assert line.startswith(f"today complete 8 x 1 | s/step median {s['median_s']} [{s['min_s']}, {s['max_s']}] |")
+
+
+def test_the_gpu_session_scripts_parse():
+    for script in sorted((ROOT / "bench").glob("*.sh")):
+        proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert proc.returncode == 0, f"{script.name}: {proc.stderr}"
+
+
 def test_a_timeout_keeps_what_was_measured_as_a_partial_result(tiny_model, tmp_path):
     log_path = tmp_path / "train.log"
     with open(log_path, "w") as log:
