@@ -51,7 +51,7 @@ from pathlib import Path
 
 from bench import common, standin
 from bench.common import ROOT
-from grpo_gsm8k import config, launch, smoke, training
+from grpo_gsm8k import config, launch, smoke  # training (transformers) where it is used: refusals stay instant
 
 SCENARIO = "multi-gpu"
 log = common.logger("multi_gpu")
@@ -205,6 +205,8 @@ def machine() -> dict:
 
 
 def complete_checkpoint(ws: Path, step: int):
+    from grpo_gsm8k import training
+
     # the marker's existence only, not training.complete_checkpoints: polled while a rank may be writing it
     return lambda: any(int(m.parent.name.split("-")[1]) >= step
                        for m in (ws / "checkpoints").glob(f"checkpoint-*/{training.MARKER}"))
@@ -225,6 +227,8 @@ def timing(step_time: list[list], first_steps: set[int]) -> dict:
 
 def summarize(ws: Path, completions_per_step: int, resumed_at: int | None = None) -> dict:
     """What one workspace's train stage left behind: outputs, curves, step times, throughput."""
+    from grpo_gsm8k import training
+
     def read(path):
         return json.loads((ws / path).read_text()) if (ws / path).is_file() else None
 

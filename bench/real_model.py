@@ -37,7 +37,7 @@ from pathlib import Path
 
 from bench import common
 from bench.common import ROOT, run_stage
-from grpo_gsm8k import config, smoke, training
+from grpo_gsm8k import config, smoke  # training (transformers) where it is used: a refusal stays instant
 
 SCENARIO = "real-model"
 log = common.logger("real_model")
@@ -179,6 +179,8 @@ def summarize(work: Path, runs: list[tuple[str, int]], out: Path, model_label: s
               a: argparse.Namespace | None = None, failed: dict | None = None) -> dict:
     """summary.json from the runs' workspaces (the stages' own metrics), with their predictions beside it: the bench
     result schema, each run's steps TRL's step_time (the first one, warm-up, left out of the summary)."""
+    from grpo_gsm8k import training
+
     results = []
     for recipe, seed in runs:
         ws = work / f"{recipe}-s{seed}"
@@ -221,6 +223,8 @@ def summarize(work: Path, runs: list[tuple[str, int]], out: Path, model_label: s
 
 
 def heldout_curve(tsv: Path) -> list[dict]:
+    from grpo_gsm8k import training
+
     return [{k: float(v) for k, v in row.items()} for row in training.read_curve(tsv)]
 
 
