@@ -379,6 +379,12 @@ def plot(results: list[dict], path: str | Path) -> None:
     plt.close(fig)
 
 
+def batch(size: Size) -> str:
+    t = size.train
+    return (f"{t['per_device_train_batch_size'] // t['num_generations']} prompts x {t['num_generations']}, "
+            f"{t['max_completion_length']} tokens, {t['max_steps']} steps")
+
+
 def trend(values: list[float], part: float = 0.25) -> float:
     """Mean of the last quarter minus mean of the first quarter: how far a logged curve rose."""
     n = max(1, int(len(values) * part))
@@ -414,7 +420,8 @@ def main(argv: list[str] | None = None) -> None:
                                         f"{'shuffled control' if r['control'] else 'GRPO'}",
                                         [{"step": "grpo", "seconds": r["grpo_seconds"]}], **r) for r in done]
             common.write_json(Path(args.out), common.result(
-                SCENARIO, argv, vars(args), entries, "complete" if len(done) == len(runs) else "partial"))
+                SCENARIO, argv, vars(args), entries, "complete" if len(done) == len(runs) else "partial",
+                size=asdict(base), batch=batch(base)))
 
     results = run_grid(runs, workdir, args.processes, on_result=save)
     print("\n| lr | seed | run | warm-up steps | held-out before | after | gain | trained-on before -> after "

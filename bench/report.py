@@ -524,16 +524,17 @@ def table_learning(results: Results, section: str) -> list[str]:
     for r in results.take("learning", section):
         runs = learning_runs(r)
         size = r.file.get("size") or runs[0]["size"]  # runs.yaml's where the file says "custom"
+        batch = r.file.get("batch") or (r.data.get("batch", "?") if r.schema else "?")
         for lr in sorted({x.get("learning_rate") for x in runs}, key=lambda v: -(v or 0)):
             for control in (False, True):
                 chosen = [x for x in runs if x["control"] == control and x.get("learning_rate") == lr]
                 gains = [x["after"] - x["before"] for x in chosen]
                 if gains:
                     seeds = sorted(x["seed"] for x in chosen)
-                    rows.append([link(r), r.gpu(), size, "n/a" if lr is None else num(lr),
+                    rows.append([link(r), r.gpu(), size, batch, "n/a" if lr is None else num(lr),
                                  "shuffled control" if control else "GRPO", ", ".join(map(str, seeds)),
                                  f"{statistics.median(gains):+.3f} ({min(gains):+.3f} to {max(gains):+.3f})"])
-    return table(["result", "GPU", "size", "lr", "run", "seeds", "held-out gain: median (min to max)"], rows)
+    return table(["result", "GPU", "size", "batch", "lr", "run", "seeds", "held-out gain: median (min to max)"], rows)
 
 
 # ---------------------------------------------------------------------------------------- current, history

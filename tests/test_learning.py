@@ -98,6 +98,8 @@ def test_the_cli_runs_a_size_at_several_learning_rates_into_one_result(tmp_path,
                    "--out", str(tmp_path / "sweep.json"), "--plot", str(tmp_path / "curves.png")])
     result = json.loads((tmp_path / "sweep.json").read_text())
     assert common.check(result) == [] and result["status"] == "complete"
-    assert [(r["learning_rate"], r["seed"], r["control"]) for r in result["runs"]] == [(1e-3, 0, False), (2e-3, 0, False)]
-    assert all(r["summary"]["timed_steps"] == 1 and len(r["rewards"]) == MINI.train["max_steps"] for r in result["runs"])
+    runs = result["runs"]
+    assert [(r["learning_rate"], r["seed"], r["control"]) for r in runs] == [(1e-3, 0, False), (2e-3, 0, False)]
+    assert all(r["summary"]["timed_steps"] == 1 and len(r["rewards"]) == MINI.train["max_steps"] for r in runs)
+    assert result["batch"] == learning.batch(MINI) == "4 prompts x 4, 16 tokens, 3 steps"
     assert [p.name for p in sorted(tmp_path.glob("curves-lr*.png"))] == ["curves-lr0.001.png", "curves-lr0.002.png"]
