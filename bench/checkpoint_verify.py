@@ -1,27 +1,26 @@
-"""What verifying a checkpoint costs (issue 32): the defaults' Qwen2.5-3B checkpoint sized on paper from the
-model's config.json and params.yaml's LoRA, written in the real formats (safetensors, torch zip), then
-timed: the marker's hashes at save and the check before a resume, both from the page cache (just written,
-as at a save; a resume after a reboot reads from disk first, and the Trainer then loads from the cache).
+"""Checkpoint verification (issue 32): what verifying a checkpoint costs. The defaults' Qwen2.5-3B checkpoint sized
+on paper from the model's config.json and params.yaml's LoRA, written in the real formats (safetensors, torch zip),
+then timed: the marker's hashes at save and the check before a resume, both from the page cache (just written, as
+at a save; a resume after a reboot reads from disk first, and the Trainer then loads from the cache). CPU only.
 
-    python bench/checkpoint_verify.py [--config /work/shared/qwen2.5-tokenizer/config.json] [--out FILE]
+    python -m bench checkpoint-verify [--config /work/shared/qwen2.5-tokenizer/config.json] [--out FILE]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench import common
+from grpo_gsm8k import checkpoint_integrity, training
+from grpo_gsm8k.config import read_yaml
 
-from grpo_gsm8k import checkpoint_integrity, training  # noqa: E402
-from grpo_gsm8k.config import read_yaml  # noqa: E402
+SCENARIO = "checkpoint-verify"
 
 
 def lora_params(config: dict, r: int, targets: list[str]) -> int:
@@ -60,12 +59,13 @@ def timed(action) -> dict:
     return {"wall_s": round(time.perf_counter() - wall, 3), "cpu_s": round(time.process_time() - cpu, 3)}
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv: list[str] | None = None) -> None:
+    argv = common.argv_or_sys(argv)
+    parser = common.parser(SCENARIO, __doc__)
     parser.add_argument("--config", default="/work/shared/qwen2.5-tokenizer/config.json")
-    parser.add_argument("--out", default=str(ROOT / "bench/results/checkpoint_verify.json"))
-    args = parser.parse_args()
-    params = read_yaml(ROOT / "params.yaml")
+    parser.add_argument("--out", default=str(common.ROOT / "build/bench/checkpoint_verify.json"))
+    args = parser.parse_args(argv)
+    params = read_yaml(common.ROOT / "params.yaml")
     n = lora_params(json.loads(Path(args.config).read_text()), params["lora"]["r"], params["lora"]["target_modules"])
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "checkpoint-25"
@@ -79,13 +79,15 @@ if __name__ == "__main__":
         resume_s = [timed(lambda: checkpoint_integrity.problem(folder, marker)) for _ in range(3)]
         assert checkpoint_integrity.problem(folder, marker) is None
         files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.name != training.MARKER}
-    result = {
-        "lora_params": n, "checkpoint_bytes": total, "files": files,
-        "marker_at_save_s": save_s, "verify_at_resume_s": resume_s,
-        "wall_s_per_gb": round(min(t["wall_s"] for t in resume_s) / (total / 1e9), 3),
-        "cpu_s_per_gb": round(min(t["cpu_s"] for t in resume_s) / (total / 1e9), 3),
-        "load_average": list(__import__("os").getloadavg()),
-        "machine": f"{platform.processor() or platform.machine()}, {platform.python_version()}",
-    }
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    runs = [common.run_entry(name, [{"step": i + 1, "seconds": t["wall_s"], "cpu_s": t["cpu_s"]}
+                                    for i, t in enumerate(ts)])
+            for name, ts in (("marker at save", save_s), ("verify at resume", resume_s))]
+    result = common.result(
+        SCENARIO, argv, vars(args), runs, "complete",
+        lora_params=n, checkpoint_bytes=total, files=files, marker_at_save_s=save_s, verify_at_resume_s=resume_s,
+        wall_s_per_gb=round(min(t["wall_s"] for t in resume_s) / (total / 1e9), 3),
+        cpu_s_per_gb=round(min(t["cpu_s"] for t in resume_s) / (total / 1e9), 3),
+        load_average=list(os.getloadavg()),
+        machine=f"{platform.processor() or platform.machine()}, {platform.python_version()}")
+    common.write_json(Path(args.out), result)
     print(json.dumps(result, indent=1))

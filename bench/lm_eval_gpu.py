@@ -1,21 +1,23 @@
-"""Issue 30 on a GPU: lm-evaluation-harness's GSM8K beside the project's own grader, on a real model and an adapter.
+"""lm-eval on a GPU (issue 30): lm-evaluation-harness's GSM8K beside the project's own grader, on a real model and an
+adapter.
 
 In a git workspace of this repository (params.yaml with the overrides below), dvc.yaml's own commands for
 prepare, evaluate_base and evaluate, one after another, each timed: the evaluate stages score the whole
 test split with the project's grader (vLLM) and then run lm-eval's `gsm8k` (5-shot) and `gsm8k_cot_zeroshot`
 through lm-eval's vLLM backend (the adapter as a LoRA, max_lora_rank from its adapter_config.json).
 Writes into --out, as each stage ends: the stages' metrics.json and logs, and summary.json:
-{"model", "adapter", "stage_seconds", "project": {"base", "trained"}, "lm_eval": (the stage's block)}.
+{"model", "adapter", "stage_seconds", "project": {"base", "trained"}, "lm_eval": (the stage's block)} in the bench
+result schema (bench/common.py; its one run's steps are the stages' seconds). Kept results go in
+bench/results/lm_eval/NAME/, where `python -m bench report` tables them.
 
-  python bench/lm_eval_gpu.py --adapter DIR --out $OUT/lm_eval        # after `source bench/device.sh`
-  python bench/lm_eval_gpu.py --tiny --out /tmp/lm_eval_dry            # CPU dry run: tiny model, fixture rows
+  python -m bench lm-eval --adapter DIR --out $OUT/lm_eval        # after `source bench/device.sh`
+  python -m bench lm-eval --tiny --out /tmp/lm_eval_dry           # CPU dry run: tiny model, fixture rows
 
 --only base / --only trained split the work over two calls on one warm machine (the workspace stays in --work).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -23,12 +25,12 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from bench import common
+from bench.common import ROOT, run_stage
+from grpo_gsm8k import config, smoke
 
-from grpo_gsm8k import config, smoke  # noqa: E402
-from real_model import log, run_stage  # noqa: E402
+SCENARIO = "lm-eval"
+log = common.logger("lm_eval")
 
 PROJECT = ("problems", "accuracy", "accuracy_lenient", "format_adherence", "completion_tokens_mean",
            "truncation_rate", "engine")
@@ -37,8 +39,8 @@ PROJECT = ("problems", "accuracy", "accuracy_lenient", "format_adherence", "comp
 def build_real_model(a) -> None:
     if not (Path(a.model) / "config.json").is_file():
         start = time.perf_counter()
-        subprocess.run([sys.executable, str(ROOT / "bench/real_model.py"), "build", "--gguf", a.gguf,
-                        "--tokenizer", a.tokenizer, "--out", a.model], check=True)
+        subprocess.run([sys.executable, "-m", "bench", "real-model", "build", "--gguf", a.gguf,
+                        "--tokenizer", a.tokenizer, "--out", a.model], check=True, cwd=ROOT)
         log(f"built {a.model} in {time.perf_counter() - start:.0f} s")
 
 
@@ -57,8 +59,9 @@ def tiny_inputs(a) -> None:
     get_peft_model(AutoModelForCausalLM.from_pretrained(model), lora).save_pretrained(a.adapter)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    argv = common.argv_or_sys(argv)
+    ap = common.parser(SCENARIO, __doc__)
     ap.add_argument("--adapter", help="a trained adapter folder (adapter_config.json, adapter_model.safetensors)")
     ap.add_argument("--model", default="/tmp/coder05", help="transformers folder; built from --gguf if missing")
     ap.add_argument("--model-label", default="Qwen/Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, dequantized to bf16)")
@@ -70,7 +73,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/lm_eval_ws")
     ap.add_argument("--out", required=True)
     ap.add_argument("--tiny", action="store_true", help="CPU dry run: tiny model, fixture rows, tiny profile")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     out, ws = Path(a.out).resolve(), Path(a.work).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if a.tiny:
@@ -87,7 +90,7 @@ def main() -> None:
     if not a.tiny:  # the whole test split, vLLM on the 16-bit base (the LoRA per request)
         overrides |= {"model.load_in_4bit": False, "generation.use_vllm": True, "eval.max_problems": None,
                       "lm_eval.max_problems": None}
-    overrides |= {key: config.read_yaml_text(value) for key, value in (kv.split("=", 1) for kv in a.set)}
+    overrides |= common.parse_sets(a.set)
     params = smoke.params_with(config.read_yaml(ROOT / ("profiles/tiny.yaml" if a.tiny else "params.yaml")), overrides)
     config.parse(params)  # a bad override stops here, before any work
     logfile = out / "stages.log"
@@ -111,13 +114,12 @@ def main() -> None:
         timed("evaluate")
         metrics = json.loads((ws / "reports/eval/metrics.json").read_text())
         shutil.copy(ws / "reports/eval/metrics.json", out / "eval_metrics.json")
-        summary = {"model": a.model_label if not a.tiny else "tiny-model", "adapter": str(a.adapter),
-                   "lora_r": lora_r, "stage_seconds": times,
-                   "project": {side: {k: metrics[side].get(k) for k in PROJECT} for side in ("base", "trained")},
-                   "lm_eval": metrics.get("lm_eval")}
-        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        steps = [{"step": stage, "seconds": seconds} for stage, seconds in times.items()]
+        summary = common.result(SCENARIO, argv, vars(a), [common.run_entry("stages", steps)], "complete",
+                                model=a.model_label if not a.tiny else "tiny-model", adapter=str(a.adapter),
+                                lora_r=lora_r, stage_seconds=times,
+                                project={side: {k: metrics[side].get(k) for k in PROJECT}
+                                         for side in ("base", "trained")},
+                                lm_eval=metrics.get("lm_eval"))
+        common.write_json(out / "summary.json", summary)
         log(f"wrote {out / 'summary.json'}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 26 on one H200, after `source bench/device.sh`; writes into $1 (default /tmp/b26), then touches $1/DONE.
+# Issue 26 on one H200: `bash bench/device.sh start /tmp/b26 bash bench/lr_sweep_gpu.sh /tmp/b26` (the environment,
+# in the background), then `bash bench/device.sh wait /tmp/b26` calls until DONE. Writes into $1 (default /tmp/b26).
 # Qwen2.5-Coder-0.5B-Instruct (the GGUF chunks in /tmp/acc) through the project's own stages on the real GSM8K,
 # at the defaults' batch (32 prompts x 8 completions, 512 tokens), the rest of the sweep that 2026-12-04 began
 # (bench/results/real_model/lr_sweep: lr 5e-6, 2e-5 and 5e-5 at clip 0.1 and 2e-5 at clip 1.0, seed 3407; lr 5e-5
@@ -7,37 +8,41 @@
 # seed 3407, side by side. What the shared GPU and the device budget force, and nothing else: 30 steps (the cosine
 # schedule keeps its shape), micro-batches of 8 x 32 accumulation steps (the same 256 completions a step, one loss
 # normalised over the whole batch), a vLLM share of 0.08 each, and lm_eval.tasks: [] (lm-eval's tasks are an
-# evaluation beside the project's, measured on their own by bench/lm_eval_gpu.py; they change nothing trained).
+# evaluation beside the project's, measured on their own by `python -m bench lm-eval`; they change nothing trained).
 # Evaluation: all 1,319 test problems, greedy; the base's is the first half's (--base-from: the same model, eval
 # params and engine; evaluate_base would measure it again in about 1.5 minutes). nvidia-smi's memory and utilisation every 30 s go to $1/gpu.csv.
 # Seen on 2026-12-04 (six runs, 20 s staggers): GGUF to bf16 71 s, prepares + base evaluation 3.5 min, four runs
 # at 25-33 s a step (13.5-14.1 min of training), 76 s per evaluation engine start; two runs lost their vLLM start
 # to the others' memory, which real_model.py now prevents by starting one engine at a time. Budget: about 25
-# minutes from the first call; send each polling call (bench/device_wait.sh) at once: the machine goes back 30 s
-# after a call ends.
+# minutes from the first call; send each polling call (`bash bench/device.sh wait /tmp/b26`) at once: the machine
+# goes back 30 s after a call ends. Keep the result: copy $1/sweep (summary.json, predictions, logs, curves.png) to
+# bench/results/real_model/<name>/, describe it in bench/results/runs.yaml, then `python -m bench report`.
 set -u
-out=${1:-/tmp/b26}
-mkdir -p "$out"
+out=$(mkdir -p "${1:-/tmp/b26}" && cd "${1:-/tmp/b26}" && pwd)
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source bench/device.sh
 step() { echo "[session $(date +%T)] $*"; }
-[ -f /tmp/coder05/config.json ] || python bench/real_model.py build --gguf /tmp/model.gguf \
+[ -f /tmp/coder05/config.json ] || python -m bench real-model build --gguf /tmp/model.gguf \
   --tokenizer /tmp/carry/data/tokenizer --out /tmp/coder05 > "$out/build.log" 2>&1
-(while [ ! -f "$out/DONE" ]; do nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu \
+(while true; do nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu \
   --format=csv,noheader >> "$out/gpu.csv"; sleep 30; done) &
+monitor=$!
+trap 'kill $monitor' EXIT  # the GPU log ends with the script
 step "real model built: $(ls /tmp/coder05 | tr '\n' ' ')"
-python bench/real_model.py run --model /tmp/coder05 --data /tmp/carry/data/gsm8k --work /tmp/sweep --out "$out/sweep" \
+python -m bench real-model run --model /tmp/coder05 --data /tmp/carry/data/gsm8k --work /tmp/sweep --out "$out/sweep" \
   --model-label "Qwen/Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, dequantized to bf16)" \
   --runs defaults:1 lr1e-5:3407 lr5e-5-clip1:3407 --base-from bench/results/real_model/lr_sweep \
   --set train.max_steps=30 train.per_device_train_batch_size=8 train.gradient_accumulation_steps=32 \
     generation.vllm_gpu_memory_utilization=0.08 'lm_eval.tasks=[]' > "$out/run.log" 2>&1
 step "real_model run: rc $?"
-python bench/real_model.py plot --summary "$out/sweep/summary.json" --png "$out/sweep/curves.png" >> "$out/run.log" 2>&1
+python -m bench real-model plot --summary "$out/sweep/summary.json" --png "$out/sweep/curves.png" >> "$out/run.log" 2>&1
 step "done"
-touch "$out/DONE"
-# Issue 30, if the device budget still allows (carry .whl/a and .whl/b, bench/lm_eval_wheels.sh): lm-eval's GSM8K on
-# the base and on the defaults' seed-1 adapter through the evaluate stages, beside the project's grader; $1/LM_DONE.
+touch "$out/SWEEP_DONE"
+# Issue 30, if the device budget still allows (carry .whl/a and .whl/b: bench/lm_eval_wheels.sh): lm-eval's GSM8K on
+# the base and on the defaults' seed-1 adapter through the evaluate stages, beside the project's grader. Each
+# `wait` packs $1 as it is, so the sweep's results come back first.
 if [ -d /tmp/lmsite/lm_eval ] && [ -f /tmp/sweep/defaults-s1/models/adapter/adapter_config.json ]; then
-  python bench/lm_eval_gpu.py --adapter /tmp/sweep/defaults-s1/models/adapter --out "$out/lm_eval" \
+  python -m bench lm-eval --adapter /tmp/sweep/defaults-s1/models/adapter --out "$out/lm_eval" \
     --set generation.vllm_gpu_memory_utilization=0.3 > "$out/lm_eval.log" 2>&1
-  step "lm_eval_gpu: rc $?"
+  step "lm-eval: rc $?"
 fi
-touch "$out/LM_DONE"

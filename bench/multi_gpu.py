@@ -1,8 +1,11 @@
-"""Several GPUs on existing engines (issue 17): DDP against DeepSpeed ZeRO-2, a ZeRO-2 run killed after
+"""Several GPUs (issues 17 and 31): DDP against DeepSpeed ZeRO-2, a ZeRO-2 run killed after
 its first checkpoint and resumed, and vLLM server mode against colocate. Every run is the unchanged
 train stage in its own scratch workspace, launched the way users launch it (scripts/train_multi_gpu.sh;
-colocate: `python stages/train.py` on one GPU). Each phase merges its results into <work>/multi_gpu.json
-and copies it, with the logs, to --out.
+colocate: `python stages/train.py` on one GPU). Each phase merges its results into <work>/multi_gpu.json (the
+bench result schema: one run per launch, its steps TRL's step_time) and copies it, with the logs, to --out.
+
+    python -m bench multi-gpu PHASE --arch <Qwen2.5-3B config.json folder> --data <gsm8k> --out DIR
+    bash bench/multi_gpu.sh PHASE [--gpus ...]     # on the GPU machine: the carried environment, then this
 
   zero2  DDP on 2 GPUs, then ZeRO-2 on 2 GPUs killed once a complete checkpoint exists and rerun: it must
          resume from that checkpoint and finish, each step logged once; step times of both.
@@ -35,7 +38,6 @@ gloo processes under torchrun. Everything else (workspaces, the split, kill and 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -47,15 +49,15 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench import common, standin
+from bench.common import ROOT
+from grpo_gsm8k import config, launch, smoke, training
 
-from grpo_gsm8k import config, launch, smoke, training  # noqa: E402
+SCENARIO = "multi-gpu"
+log = common.logger("multi_gpu")
 
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 STEPS, SAVE_STEPS, KILL_AT = 6, 2, 2
-TINY_DIMS = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 2}
 COMMON = {"data.source": "local", "data.train_limit": 256, "model.backend": "transformers",
           "train.learning_rate": 1e-3, "train.max_steps": STEPS, "train.save_steps": SAVE_STEPS,
           "train.logging_steps": 1, "train.gradient_accumulation_steps": 1, "train.num_generations": 8,
@@ -81,15 +83,10 @@ CURVES = ("step_time", "reward", "rewards/tag_count/mean", "loss", "grad_norm", 
           "sampling/importance_sampling_ratio/max", "reward_std", "completions/clipped_ratio")
 
 
-def log(msg: str) -> None:
-    print(f"[multi_gpu {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 def build_model(arch: Path, data: Path, out: Path, tiny: bool, real_vocab: bool = False) -> Path:
     """The architecture of ``arch``/config.json, random bf16 weights, the tag-token tokenizer (``real_vocab``:
     the tokenizer files in ``arch``, so the vocabulary and its compute are the real model's)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoTokenizer, GenerationConfig
 
     from grpo_gsm8k.tiny import build_tokenizer
 
@@ -101,18 +98,13 @@ def build_model(arch: Path, data: Path, out: Path, tiny: bool, real_vocab: bool 
     else:
         questions = [json.loads(line)["question"] for line in (data / "train.jsonl").open()]
         tok = build_tokenizer(questions, out)
-    raw = json.loads((arch / "config.json").read_text()) | (TINY_DIMS if tiny else {})
-    raw.pop("layer_types", None)  # sized for the original layer count
+    raw = json.loads((arch / "config.json").read_text()) | (standin.TINY_DIMS if tiny else {})
     if not real_vocab:
         raw |= {"vocab_size": len(tok), "bos_token_id": None, "eos_token_id": tok.eos_token_id,
                 "pad_token_id": tok.pad_token_id}
-    torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(raw.pop("model_type"), **raw),
-                                                 dtype=torch.bfloat16)
-    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model.save_pretrained(out)
-    log(f"model {out}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, vocabulary {len(tok)}")
+    params = standin.random_weights(raw, out, GenerationConfig(eos_token_id=tok.eos_token_id,
+                                                               pad_token_id=tok.pad_token_id))
+    log(f"model {out}: {params / 1e9:.2f}B parameters, vocabulary {len(tok)}")
     return out
 
 
@@ -228,8 +220,7 @@ def timing(step_time: list[list], first_steps: set[int]) -> dict:
     seconds = [s for _, s in timed]
     if not seconds:
         return {"timed_steps": []}
-    return {"timed_steps": [step for step, _ in timed], "median_s": round(statistics.median(seconds), 3),
-            "min_s": round(min(seconds), 3), "max_s": round(max(seconds), 3)}
+    return {"timed_steps": [step for step, _ in timed], **common.spread(seconds)}
 
 
 def summarize(ws: Path, completions_per_step: int, resumed_at: int | None = None) -> dict:
@@ -495,8 +486,9 @@ def trl_shim(work: Path) -> Path:
     return bin_dir
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    argv = common.argv_or_sys(argv)
+    ap = common.parser(SCENARIO, __doc__)
     ap.add_argument("phase", choices=tuple(PHASES))
     ap.add_argument("--arch", type=Path, required=True, help="folder with the real model's config.json")
     ap.add_argument("--data", type=Path, required=True, help="folder with GSM8K train.jsonl and test.jsonl")
@@ -507,7 +499,8 @@ def main() -> None:
     ap.add_argument("--cpu", action="store_true", help="dry run: tiny model, HF generate, gloo processes")
     ap.add_argument("--gpus", default=None, help="scale: the GPU counts to run, e.g. 1,2 (default 1,2,4,8 up to "
                                                   "the visible GPUs); server, agree: the largest is N")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    a.argv = argv
     a.deadline = time.perf_counter() + a.budget_s
     a.arch, a.data, a.work, a.out = (p.resolve() for p in (a.arch, a.data, a.work, a.out))
     for path in (a.arch / "config.json", a.data / "train.jsonl", a.data / "test.jsonl"):
@@ -552,6 +545,8 @@ def write_summary(a, model: Path, results: dict, logfile: Path, start: float) ->
                           f"{a.phase}_phase_s": round(time.perf_counter() - start, 1)}
     summary[f"{a.phase}_model"] = summary["model"]  # scale and server: the real vocabulary; the others: tags
     summary["scaling"] = scaling_table(summary)
+    summary["phase_commands"] = summary.get("phase_commands", {}) | {a.phase: common.command_line(SCENARIO, a.argv)}
+    summary = {**summary, **envelope(a, summary)}
     summary_path.write_text(json.dumps(summary, indent=1) + "\n")
     (a.work / "scaling.md").write_text(scaling_markdown(summary["scaling"]))
     for path in (summary_path, logfile, a.work / "scaling.md", *a.work.glob("*vllm-serve.log")):
@@ -559,8 +554,23 @@ def write_summary(a, model: Path, results: dict, logfile: Path, start: float) ->
             shutil.copy(path, a.out / path.name)
 
 
+def envelope(a, summary: dict) -> dict:
+    """The bench result schema's fields for a summary of launches: one run per launch (its steps TRL's step_time,
+    the first step of each process left out as in ``timing``), failed where a check failed."""
+    launches = {name: r for name, r in summary.items() if isinstance(r, dict) and "checks" in r}
+    runs = []
+    for name, r in sorted(launches.items()):
+        timed = set(r.get("speed", {}).get("timed_steps", []))
+        steps = [{"step": step, "seconds": s, "timed": step in timed}
+                 for step, s in r.get("curves", {}).get("step_time", [])]
+        spread = {k: r["speed"][k] for k in ("median_s", "min_s", "max_s")} if timed else {}
+        runs.append({"name": name, "steps": steps, "peak_memory_gib": None, "checks_passed": all(r["checks"].values()),
+                     "summary": {"timed_steps": len(timed), **spread}})
+    params = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()
+              if k not in ("argv", "deadline", "save")}
+    status = "complete" if all(r["checks_passed"] for r in runs) else "failed"
+    return common.result(SCENARIO, a.argv, params, runs, status)
+
+
 PHASES = {"zero2": phase_zero2, "vllm": phase_vllm, "scale": phase_scale, "server": phase_server,
           "agree": phase_agree}
-
-if __name__ == "__main__":
-    main()

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# bench/multi_gpu.py on a machine of several GPUs, one phase per device call (each under 10 minutes):
+# `python -m bench multi-gpu` (bench/multi_gpu.py) on a machine of several GPUs, one phase per device call (each
+# under 10 minutes):
 #   bash bench/multi_gpu.sh zero2    # 2 GPUs: DDP against ZeRO-2, and a ZeRO-2 run killed and resumed
 #   bash bench/multi_gpu.sh vllm     # 2 GPUs: `trl vllm-serve` on GPU 1 + training on GPU 0, against colocate
 # Issue 31, colocated vLLM on every rank at the defaults' per-GPU batch; the calls of one session add to the same
@@ -17,7 +18,8 @@
 # vLLM's HTTP server needs beyond its offline engine: uvicorn, watchfiles, prometheus-fastapi-instrumentator,
 # model-hosting-container-standards, jmespath, supervisor). For vllm, scale, server and agree: vLLM's chunks in
 # /tmp/vacc (earlier calls of the same message). A warm machine keeps /tmp, so later phases skip what the first
-# unpacked.
+# unpacked. Keep the results: copy $OUT/multi_gpu.json, scaling.md and the logs to bench/results/multi_gpu/<name>/ (add
+# the folder to bench/results/runs.yaml), then `python -m bench report`.
 # .carry/ds is git-ignored; build it here (no GPU needed, DeepSpeed's ops are not used by ZeRO-2 here):
 #   DS_BUILD_OPS=0 pip wheel --no-deps deepspeed==0.19.8 -w .carry/ds
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .carry/ds \
@@ -27,7 +29,6 @@ set -euo pipefail
 # NVLink multicast can take the shared host's GPUs down: off in this and every child process.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-if [ ! -d /tmp/carry/data ]; then mkdir -p /tmp/carry && cp -r .carry/site.tgz .carry/data /tmp/carry/; fi
 source bench/device.sh
 if [ ! -d /tmp/dsite/deepspeed ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/dsite .carry/ds/*.whl
@@ -36,5 +37,5 @@ fi
 export PYTHONPATH=$PWD:$PYTHONPATH:/tmp/dsite
 nvidia-smi -L
 phase="$1"; shift
-exec python3 bench/multi_gpu.py "$phase" --arch /tmp/carry/data/tokenizer --data /tmp/carry/data/gsm8k \
+exec python3 -m bench multi-gpu "$phase" --arch /tmp/carry/data/tokenizer --data /tmp/carry/data/gsm8k \
     --work /tmp/multi_gpu --out "${OUT:-build/multi_gpu}" --budget-s $((570 - SECONDS)) --leg-timeout-s 540 "$@"

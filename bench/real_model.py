@@ -1,4 +1,5 @@
-"""GRPO on a real instruct model through the project's own stages and the real GSM8K (LEARNING.md).
+"""Real-model learning: GRPO on a real instruct model through the project's own stages and the real GSM8K, for
+recipes x seeds (LEARNING.md).
 
   build  Qwen2.5-Coder-0.5B-Instruct's GGUF (shared/device/real-model.sh) -> a transformers folder in
          bf16, with the real Qwen2.5 tokenizer files beside it.
@@ -7,10 +8,17 @@
          evaluate. evaluate_base is greedy and seed-independent, so it runs once and is copied. The trainings
          go in parallel processes (a 0.5B model leaves most of an H200 idle), their vLLM engines started
          one at a time; the evaluations run one after another. A failed run leaves the others running
-         and out of summary.json, and the command exits non-zero. With --hf-agreement, the base is also evaluated with HF generate, to compare
-         with vLLM problem by problem. Writes <out>/summary.json: {"model", "runs": [{"recipe", "seed",
-         "params", "train_minutes", "base", "trained", "curves", "heldout"}], "agreement"}; "heldout" is
-         the train stage's own held-out curve (reports/train/eval_curve.tsv).
+         and out of summary.json, and the command exits non-zero. With --hf-agreement, the base is also
+         evaluated with HF generate, to compare with vLLM problem by problem. Writes <out>/summary.json (the
+         bench result schema, bench/common.py): {"model", "runs": [{"name", "recipe", "seed", "params",
+         "train_minutes", "base", "trained", "curves", "heldout", "steps", "summary"}], "agreement"};
+         "heldout" is the train stage's own held-out curve (reports/train/eval_curve.tsv), "steps" TRL's
+         step_time per step.
+  summarize  summary.json again from the workspaces of an earlier run.
+  plot   the curves of one or more summary.json files as a PNG.
+
+    python -m bench real-model build --gguf /tmp/model.gguf --tokenizer <qwen2.5 tokenizer> --out /tmp/coder05
+    python -m bench real-model run --model /tmp/coder05 --data <gsm8k> --runs defaults:0 lr5e-5:0 --out DIR
 
 `run --tiny` is the CPU dry run (tests/test_real_model.py): the tiny model, the fixture rows, HF generate.
 """
@@ -20,21 +28,19 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench import common
+from bench.common import ROOT, run_stage
+from grpo_gsm8k import config, smoke, training
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from grpo_gsm8k import config, smoke, training  # noqa: E402
-
+SCENARIO = "real-model"
+log = common.logger("real_model")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json")
 # Recipes: params overrides on top of params.yaml, shared by every seed. LEARNING.md says why each exists.
 RECIPES = {
@@ -52,11 +58,7 @@ RECIPES = {
                      "train.learning_rate": 2.0e-5},
 }
 CURVES = ("reward", "rewards/correctness/mean", "rewards/format/mean", "completions/mean_length",
-          "sampling/sampling_logp_difference/mean", "sampling/importance_sampling_ratio/mean", "entropy")
-
-
-def log(msg: str) -> None:
-    print(f"[real_model {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+          "sampling/sampling_logp_difference/mean", "sampling/importance_sampling_ratio/mean", "entropy", "step_time")
 
 
 def cmd_build(a) -> None:
@@ -76,23 +78,6 @@ def cmd_build(a) -> None:
         shutil.copy(Path(a.tokenizer) / name, out / name)
     log(f"{out}: {sum(t.numel() for t in clean.parameters()) / 1e6:.0f}M parameters in "
         f"{time.perf_counter() - start:.0f}s")
-
-
-def run_stage(ws: Path, stage: str, logfile: Path, port: int = 29500) -> float:
-    """dvc.yaml's command for the stage, in the workspace; returns wall seconds. `port`: torch.distributed's
-    rendezvous port, which TRL's colocated vLLM opens in every training process: one per parallel run."""
-    cmd = config.read_yaml(ws / "dvc.yaml")["stages"][stage]["cmd"]
-    env = smoke.workspace_env()
-    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(ws), env.get("PYTHONPATH")])), PYTHONUNBUFFERED="1",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    start = time.perf_counter()
-    with logfile.open("a") as out:
-        out.write(f"\n===== {stage}: {cmd}\n")
-        out.flush()
-        proc = subprocess.run(cmd, shell=True, cwd=ws, env=env, stdout=out, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{ws.name}: stage {stage} failed (exit {proc.returncode}); see {logfile}")
-    return time.perf_counter() - start
 
 
 def keep_predictions(src: Path, dest: Path) -> None:
@@ -125,12 +110,12 @@ def cmd_run(a) -> None:
             build_tiny([json.loads(line)["question"] for line in (data / "train.jsonl").open()], model)
     else:
         data = Path(a.data).resolve()
-    common = {"model.name": str(model), "data.source": "local", "data.local_dir": str(data),
-              **{key: config.read_yaml_text(value) for key, value in (kv.split("=", 1) for kv in a.set)}}
+    shared = {"model.name": str(model), "data.source": "local", "data.local_dir": str(data),
+              **common.parse_sets(a.set)}
     runs = [(recipe, int(seed)) for recipe, seed in (run.split(":") for run in a.runs)]
     spaces = {}
     for recipe, seed in runs:
-        params = smoke.params_with(base, {**common, **RECIPES[recipe], "train.seed": seed})
+        params = smoke.params_with(base, {**shared, **RECIPES[recipe], "train.seed": seed})
         spaces[recipe, seed] = smoke.bench_workspace(work / f"{recipe}-s{seed}", params)
     first = spaces[runs[0]]
     logs = {key: out / f"{key[0]}-s{key[1]}.log" for key in runs}
@@ -182,7 +167,7 @@ def cmd_run(a) -> None:
         log(f"FAILED {key[0]} seed {key[1]}: {why}")
     done = [key for key in runs if key not in failed]
     if done:
-        summarize(work, done, out, a.model_label or str(model), first)
+        summarize(work, done, out, a.model_label or str(model), first, a, failed)
     if failed:
         sys.exit(f"{len(failed)} of {len(runs)} runs failed; summary.json holds the others")
 
@@ -211,15 +196,20 @@ def wait_first_step(logfile: Path, job, poll_s: float = 2.0) -> None:
         time.sleep(poll_s)
 
 
-def summarize(work: Path, runs: list[tuple[str, int]], out: Path, model_label: str, first: Path | None = None) -> dict:
-    """summary.json from the runs' workspaces (the stages' own metrics), with their predictions beside it."""
+def summarize(work: Path, runs: list[tuple[str, int]], out: Path, model_label: str, first: Path | None = None,
+              a: argparse.Namespace | None = None, failed: dict | None = None) -> dict:
+    """summary.json from the runs' workspaces (the stages' own metrics), with their predictions beside it: the bench
+    result schema, each run's steps TRL's step_time (the first one, warm-up, left out of the summary)."""
     results = []
     for recipe, seed in runs:
         ws = work / f"{recipe}-s{seed}"
         metrics = json.loads((ws / "reports/eval/metrics.json").read_text())
         train_metrics = json.loads((ws / "reports/train/metrics.json").read_text())
         run_info = json.loads((ws / "models/adapter/training_run.json").read_text())
-        results.append({"recipe": recipe, "seed": seed, "params": run_info["params"],
+        curves = training.read_curves(ws / "reports/train", CURVES)
+        steps = [{"step": step, "seconds": seconds} for step, seconds in curves.get("step_time", [])]
+        results.append({**common.run_entry(f"{recipe}-s{seed}", steps, untimed=1),
+                        "recipe": recipe, "seed": seed, "params": run_info["params"],
                         "effective_grpo_config": {k: run_info["effective_grpo_config"].get(k) for k in (
                             "learning_rate", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
                             "num_generations", "reward_weights", "scale_rewards", "loss_type", "beta", "use_vllm",
@@ -227,13 +217,16 @@ def summarize(work: Path, runs: list[tuple[str, int]], out: Path, model_label: s
                         "train_minutes": round(train_metrics["train_runtime"] / 60, 2),
                         "base": metrics["base"], "trained": metrics["trained"], "delta": metrics["delta"],
                         "lm_eval": metrics.get("lm_eval"),
-                        "curves": training.read_curves(ws / "reports/train", CURVES),
+                        "curves": curves,
                         "heldout": heldout_curve(ws / "reports/train/eval_curve.tsv")})
         log(f"{recipe} seed {seed}: {metrics['delta']}")
         keep_predictions(ws / "reports/eval/predictions.jsonl", out / f"{recipe}-s{seed}-eval.jsonl.gz")
     first = first or work / f"{runs[0][0]}-s{runs[0][1]}"  # the workspace that ran evaluate_base
     keep_predictions(first / "reports/eval_base/predictions.jsonl", out / "base-eval_base.jsonl.gz")
-    summary = {"model": model_label, "runs": results, "versions": run_info["versions"]}
+    a = a or argparse.Namespace(argv=[])
+    params = {k: v for k, v in vars(a).items() if k != "argv"}
+    summary = {**common.result(SCENARIO, a.argv, params, results, "partial" if failed else "complete"),
+               "model": model_label, "versions": run_info["versions"], "failed": failed or {}}
     hf = work / "hf-base"
     if (hf / "reports/eval_base/metrics.json").is_file():  # vLLM's greedy evaluation against HF's, problem by problem
         rows = lambda ws: [json.loads(line) for line in (ws / "reports/eval_base/predictions.jsonl").open()]  # noqa: E731
@@ -243,7 +236,7 @@ def summarize(work: Path, runs: list[tuple[str, int]], out: Path, model_label: s
             **agreement(rows(first), rows(hf))}
         keep_predictions(hf / "reports/eval_base/predictions.jsonl", out / "hf-base-eval_base.jsonl.gz")
         log(f"agreement: {summary['agreement']}")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     log(f"wrote {out / 'summary.json'}")
     return summary
 
@@ -261,8 +254,6 @@ def plot(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from grpo_gsm8k.learning import _moving_average as moving_average
-
     panels = [("rewards/correctness/mean", "correctness reward (fraction right)"),
               ("rewards/format/mean", "format reward"), ("completions/mean_length", "mean completion tokens"),
               ("accuracy", "held-out strict accuracy (train stage)"),
@@ -277,7 +268,7 @@ def plot(summary: dict, path: Path) -> None:
         for ax, (key, title) in zip(axes, panels):
             if key in r["curves"]:
                 points = r["curves"][key]
-                xs, ys = [step for step, _ in points], moving_average([v for _, v in points], 5)
+                xs, ys = [step for step, _ in points], common.moving_average([v for _, v in points], 5)
             else:
                 xs, ys = [row["step"] for row in r.get("heldout", [])], [row[key] for row in r.get("heldout", [])]
             if xs:
@@ -290,8 +281,9 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    argv = common.argv_or_sys(argv)
+    ap = common.parser(SCENARIO, __doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build")
     b.add_argument("--gguf", required=True)
@@ -309,17 +301,19 @@ def main() -> None:
                    "its base evaluation instead of evaluate_base (the device budget)")
     r.add_argument("--tiny", action="store_true", help="CPU dry run: tiny model, fixture rows, tiny profile")
     r.add_argument("--work", default="/tmp/real_model")
-    r.add_argument("--out", default=str(ROOT / "bench/results/real_model"))
+    r.add_argument("--out", default=str(ROOT / "build/bench/real_model"),
+                   help="where summary.json, the predictions and the logs go (kept: bench/results/real_model/NAME/)")
     m = sub.add_parser("summarize", help="summary.json again from the workspaces of an earlier run")
     m.add_argument("--work", required=True)
     m.add_argument("--runs", nargs="+", required=True)
     m.add_argument("--model-label", required=True)
-    m.add_argument("--out", default=str(ROOT / "bench/results/real_model"))
+    m.add_argument("--out", default=str(ROOT / "build/bench/real_model"))
     g = sub.add_parser("plot", help="the curves of summary.json as a PNG")
-    g.add_argument("--summary", nargs="+", default=[str(ROOT / "bench/results/real_model/summary.json")])
+    g.add_argument("--summary", nargs="+", default=[str(ROOT / "bench/results/real_model/80steps/summary.json")])
     g.add_argument("--recipe", default=None, help="only this recipe's runs")
     g.add_argument("--png", default=str(ROOT / "docs/real_model_curves.png"))
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    a.argv = argv
     if a.cmd == "plot":  # several summaries: their runs in one figure (e.g. two backends on one recipe)
         summaries = [json.loads(Path(path).read_text()) for path in a.summary]
         plot({"runs": [r for s in summaries for r in s["runs"] if a.recipe in (None, r["recipe"])]}, Path(a.png))
@@ -327,10 +321,6 @@ def main() -> None:
     if a.cmd == "summarize":
         runs = [(recipe, int(seed)) for recipe, seed in (run.split(":") for run in a.runs)]
         Path(a.out).mkdir(parents=True, exist_ok=True)
-        summarize(Path(a.work), runs, Path(a.out), a.model_label)
+        summarize(Path(a.work), runs, Path(a.out), a.model_label, a=a)
         return
     {"build": cmd_build, "run": cmd_run}[a.cmd](a)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 27 on one H200, in ONE device call of under 10 minutes: the defaults' batch (3B stand-in, 32 prompts x 8,
 # 512 tokens forced, vLLM colocate 0.35, 16-bit base) under each speed lever alone and all together, one process,
-# one vLLM engine shared by every config (bench_grpo.py share_vllm_engines), 1 warm-up + 3 timed steps each:
+# one vLLM engine shared by every config (bench/train_speed.py share_vllm_engines), 1 warm-up + 3 timed steps each:
 #   today             the defaults before issue 27: TRL's scoring forward, gradient checkpointing on
 #   levers            both levers below together
 #   reuse_logprobs    train.reuse_training_logprobs: the importance-sampling ratio from the training forward
@@ -9,6 +9,9 @@
 # Every step also records TRL's own sections: sync_weights (LoRA merge + weight push), vLLM.generate, each reward.
 # `sleep` (a second call, if the lease allows): vLLM's sleep mode alone and with both levers (an engine of its own).
 #   bash bench/speed_levers.sh [main|sleep|prepare]     results: $OUT/speed_levers/ (JSON + log)
+# Keep them: copy $OUT/speed_levers/ to bench/results/train_speed/levers_h200/ (its JSON files are in the bench result
+# schema; add the folder to bench/results/runs.yaml), then `python -m bench report` tables them in BENCHMARKS.md's
+# speed-levers section.
 # Carry .carry/site.tgz and .carry/data; vLLM's chunks in /tmp/vacc from earlier calls of the same message
 # (shared/device/make-vllm-site.sh prints them). A warm machine keeps /tmp (vLLM, the stand-in): building the
 # stand-in in a call before this one, e.g. `bash bench/speed_levers.sh prepare`, leaves this one ~70 s more.
@@ -24,21 +27,20 @@ esac
 out=${OUT:-/tmp/out}/speed_levers
 mkdir -p "$out"
 step() { echo "[speed_levers $(date +%T) ${SECONDS}s] $*"; }
-if [ ! -d /tmp/carry/data ]; then mkdir -p /tmp/carry && cp -r .carry/site.tgz .carry/data /tmp/carry/; fi
 source bench/device.sh
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
 if [ ! -f /tmp/standin/config.json ]; then
   step "building the stand-in"
-  python bench/bench_grpo.py build-standin --tokenizer /tmp/carry/data/tokenizer --out /tmp/standin > "$out/build.log" 2>&1
+  python -m bench standin --tokenizer /tmp/carry/data/tokenizer --out /tmp/standin > "$out/build.log" 2>&1
 fi
 [ "$mode" = prepare ] && { step "prepared: $(ls /tmp/standin | tr '\n' ' ')"; exit 0; }
 # What is left of the call's 600 s, less 30 s to pack up. Each later config keeps 85 s (its load and 4 steps take
 # 80-110 s; the first one also builds the engine, ~2 minutes in all, and 4 steps of 25 s); a config past its
-# share stops after its current step, and a timeout still writes what was measured (bench_grpo.py on_sigterm)
+# share stops after its current step, and a timeout still writes what was measured (train_speed.py on_sigterm)
 left=$((570 - SECONDS))
 step "${configs[*]}: ${left}s left"
-timeout "$left" python bench/bench_grpo.py train --backend transformers --vllm --bf16 --completion 512 \
+timeout "$left" python -m bench train-speed --backend transformers --vllm --bf16 --completion 512 \
   --steps-big 4 --warmup 1 --halve-on-oom --configs "${configs[@]}" --data /tmp/carry/data/gsm8k \
   --model /tmp/standin --budget-s $((left - 45)) --reserve-s 85 --results-dir "$out" --out "train_speed_levers_$mode" \
   > "$out/$mode.log" 2>&1
@@ -47,14 +49,15 @@ grep "\[bench" "$out/$mode.log" | grep -E "config .*(summary|out of memory)|OOM|
 python - "$out/train_speed_levers_$mode.json" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
-for name, e in r["configs"].items():
-    s, m = e["summary"], e.get("memory", {})
+print("status", r["status"])
+for e in r["runs"]:
+    s, m = e["summary"], e.get("peak_memory_gib") or {}
     logs = [row for row in e.get("trl_logs", []) if "sampling/sampling_logp_difference/mean" in row]
-    print(name, e["batch"]["per_device_train_batch_size"], "x", e["batch"]["gradient_accumulation_steps"],
-          "| s/step median", s.get("seconds_per_step_median"), s.get("seconds_min_max"), "| tok/s",
+    print(e["name"], e["status"], e["batch"]["per_device_train_batch_size"], "x", e["batch"]["gradient_accumulation_steps"],
+          "| s/step median", s.get("median_s"), [s.get("min_s"), s.get("max_s")], "| tok/s",
           s.get("completion_tokens_per_s"), "| gen/score/train", s.get("generate_s_per_step"),
           s.get("rewards_and_bookkeeping_s_per_step"), s.get("train_s_per_step"), "| peak GiB",
-          m.get("peak_allocated_gib"), "|", s.get("sections_s_per_step"), "| logp diff / IS ratio mean",
+          m.get("allocated"), "|", s.get("sections_s_per_step"), "| logp diff / IS ratio mean",
           [(round(row["sampling/sampling_logp_difference/mean"], 4),
             round(row["sampling/importance_sampling_ratio/mean"], 4)) for row in logs])
 EOF

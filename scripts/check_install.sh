@@ -3,7 +3,7 @@
 # venv, requirements.lock exactly as the Dockerfile installs it (--require-hashes --no-deps), `pip
 # check`, then an import of every package the stages import, with its version. Not in CI: it
 # downloads several GB from PyPI (8.7 GB installed; ~5 min on a fast link); check_lock.sh is the
-# quick dry-run version. Last result: bench/results/install_check.log.
+# quick dry-run version. Last result: bench/results/install_check/dev_machine/install_check.log.
 #
 #   scripts/check_install.sh               # venv in a temp folder, deleted at the end
 #   KEEP_VENV=/path/to/venv scripts/check_install.sh   # keep it there instead

@@ -1,10 +1,12 @@
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # bench/ (the measurements) is not installed, unlike grpo_gsm8k
 FIXTURES = ROOT / "tests" / "fixtures" / "gsm8k"
 
 # Tests never reach the network: the Hub is either faked locally or must not be needed.

@@ -3,12 +3,13 @@ held-out accuracy of a small model on a synthetic addition task, and the same bu
 rewards shuffled across completions does not. See LEARNING.md for the per-seed numbers behind
 the margins. About 3 minutes on 2 CPU cores; the warm-up is shared by both runs."""
 
+import json
 import random
 
 import pytest
 import torch
 
-from grpo_gsm8k import learning
+from bench import learning
 
 SEED = 0
 # Measured over seeds 0-3 (LEARNING.md): held-out accuracy +0.238, +0.223, +0.211, +0.066; correctness
@@ -85,3 +86,18 @@ def test_concurrent_grid_matches_one_run_at_a_time(tmp_path):
     png = tmp_path / "curves.png"
     learning.plot(together, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_cli_runs_a_size_at_several_learning_rates_into_one_result(tmp_path, monkeypatch):
+    """`python -m bench learning --lrs ...` (how the gpu size's learning rate was chosen): each rate's runs, every
+    result in the bench schema, one curve figure per rate."""
+    from bench import common
+
+    monkeypatch.setitem(learning.SIZES, "mini", MINI)
+    learning.main(["--size", "mini", "--lrs", "1e-3", "2e-3", "--seeds", "0", "--workdir", str(tmp_path / "w"),
+                   "--out", str(tmp_path / "sweep.json"), "--plot", str(tmp_path / "curves.png")])
+    result = json.loads((tmp_path / "sweep.json").read_text())
+    assert common.check(result) == [] and result["status"] == "complete"
+    assert [(r["learning_rate"], r["seed"], r["control"]) for r in result["runs"]] == [(1e-3, 0, False), (2e-3, 0, False)]
+    assert all(r["summary"]["timed_steps"] == 1 and len(r["rewards"]) == MINI.train["max_steps"] for r in result["runs"])
+    assert [p.name for p in sorted(tmp_path.glob("curves-lr*.png"))] == ["curves-lr0.001.png", "curves-lr0.002.png"]

@@ -1,5 +1,5 @@
-"""The multi-GPU check (bench/multi_gpu.py) dry-run on CPU, the pieces of its summary, and the checkpoint
-marker's wait for every process, with two real CPU processes."""
+"""The several-GPUs scenario (`python -m bench multi-gpu`, bench/multi_gpu.py) dry-run on CPU, the pieces of its
+summary, and the checkpoint marker's wait for every process, with two real CPU processes."""
 
 import json
 import os
@@ -11,13 +11,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from bench import common, multi_gpu
 from grpo_gsm8k import training
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-import multi_gpu  # noqa: E402
-
-SCRIPT = ROOT / "bench" / "multi_gpu.py"
+SCENARIO = [sys.executable, "-m", "bench", "multi-gpu"]
 
 
 @pytest.fixture(scope="module")
@@ -160,20 +158,21 @@ def test_sampling_curves_are_read_as_dvclive_writes_them(tmp_path):
     (["zero2", "--data", "nowhere"], {}, "nowhere/train.jsonl not found"),
 ])
 def test_refusals_before_any_work(tmp_path, arch, argv, env, message):
-    args = [sys.executable, str(SCRIPT), argv[0], "--arch", str(arch), "--data", str(ROOT / "tests/fixtures/gsm8k"),
+    args = [*SCENARIO, argv[0], "--arch", str(arch), "--data", str(ROOT / "tests/fixtures/gsm8k"),
             "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), *argv[1:]]
-    proc = subprocess.run(args, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **env})
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **env})
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr
     assert not (tmp_path / "work").exists()
 
 
 def _cpu_phases(base: Path, arch: Path, *phases: str) -> tuple[Path, dict]:
-    """bench/multi_gpu.py's phases with --cpu, one after the other in one work folder (as device calls on one
+    """`python -m bench multi-gpu`'s phases with --cpu, one after the other in one work folder (as device calls on one
     warm machine), and the summary they leave."""
     for phase in phases:
-        proc = subprocess.run([sys.executable, str(SCRIPT), phase, "--cpu", "--arch", str(arch),
+        proc = subprocess.run([*SCENARIO, phase, "--cpu", "--arch", str(arch),
                                "--data", str(ROOT / "tests/fixtures/gsm8k"), "--work", str(base / "work"),
-                               "--out", str(base / "out")], capture_output=True, text=True)
+                               "--out", str(base / "out")], capture_output=True, text=True, cwd=ROOT)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return base, json.loads((base / "out/multi_gpu.json").read_text())
 
@@ -197,6 +196,12 @@ def test_dry_run_trains_kills_resumes_and_reports(dry_run):
     # same seed, same data, same weights: the first step is the same in both runs
     assert ddp["curves"]["reward"][0] == zero2["curves"]["reward"][0]
     assert summary["model"]["tiny"] and summary["model"]["vocab_size"] < 1000
+    # the bench result schema: one run per launch, its steps TRL's step_time, passed where its checks passed
+    assert common.check(summary) == [] and summary["status"] == "complete" and summary["scenario"] == "multi-gpu"
+    runs = {r["name"]: r for r in summary["runs"]}
+    assert set(runs) == {"ddp", "zero2"} and all(r["checks_passed"] for r in runs.values())
+    assert runs["ddp"]["summary"]["median_s"] == ddp["speed"]["median_s"] and len(runs["ddp"]["steps"]) == 6
+    assert summary["phase_commands"]["zero2"].startswith("python -m bench multi-gpu zero2 --cpu ")
 
 
 # ------------------------------------------------------------ the launcher's pre-flight (issue 31)
@@ -375,8 +380,8 @@ def test_scaling_dry_run_keeps_the_per_gpu_batch_and_compares_one_with_two_ranks
 def test_scaling_bench_refuses_the_server_phase_on_cpu_and_more_gpus_than_visible(tmp_path, arch):
     for argv, message in ((["server", "--cpu"], "the server phase needs GPUs"),
                           (["scale", "--cpu", "--gpus", "1,4"], "between 1 and the 2 visible GPU(s)")):
-        proc = subprocess.run([sys.executable, str(SCRIPT), argv[0], "--arch", str(arch), "--data",
+        proc = subprocess.run([*SCENARIO, argv[0], "--arch", str(arch), "--data",
                                str(ROOT / "tests/fixtures/gsm8k"), "--work", str(tmp_path / "work"),
-                               "--out", str(tmp_path / "out"), *argv[1:]], capture_output=True, text=True)
+                               "--out", str(tmp_path / "out"), *argv[1:]], capture_output=True, text=True, cwd=ROOT)
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr
     assert not (tmp_path / "work").exists()

@@ -1,5 +1,6 @@
-"""The real-model GPU experiment's script (bench/real_model.py), dry-run on CPU with the tiny model: it
-drives dvc.yaml's own stage commands and reports exactly what the evaluate stage measured."""
+"""The real-model scenario (`python -m bench real-model`, bench/real_model.py), dry-run on CPU with the tiny model:
+it drives dvc.yaml's own stage commands and reports exactly what the evaluate stage measured, in the bench result
+schema."""
 
 import gzip
 import json
@@ -8,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from bench import common
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -18,9 +21,9 @@ def dry_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("real_model")
     work, out = base / "work", base / "out"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench/real_model.py"), "run", "--tiny", "--model", str(base / "tiny-model"),
+        [sys.executable, "-m", "bench", "real-model", "run", "--tiny", "--model", str(base / "tiny-model"),
          "--runs", "batch_scaled:7", "--hf-agreement", "--set", "train.max_steps=2",
-         "--work", str(work), "--out", str(out)], capture_output=True, text=True)
+         "--work", str(work), "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return work, out, json.loads((out / "summary.json").read_text())
 
@@ -45,13 +48,18 @@ def test_summary_holds_the_stages_own_metrics(dry_run):
     # the train stage's held-out curve, as it wrote it: before training and at the last step (every 2)
     assert [row["step"] for row in run["heldout"]] == [0, 2]
     assert run["heldout"][0]["problems"] == 4 and 0 <= run["heldout"][-1]["accuracy_lenient"] <= 1
+    # the bench result schema: the command, and each run's steps (TRL's step_time), the first one left out
+    assert common.check(summary) == [] and summary["status"] == "complete" and summary["failed"] == {}
+    assert summary["command"].startswith("python -m bench real-model run --tiny ")
+    assert run["name"] == "batch_scaled-s7" and [s["step"] for s in run["steps"]] == [1, 2]
+    assert run["summary"]["timed_steps"] == 1 and run["summary"]["median_s"] == round(run["steps"][1]["seconds"], 3)
 
 
 def test_the_figure_draws_every_run(dry_run, tmp_path):
     work, out, summary = dry_run
     png = tmp_path / "curves.png"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench/real_model.py"), "plot", "--summary", str(out / "summary.json"),
-                           "--png", str(png)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "bench", "real-model", "plot", "--summary", str(out / "summary.json"),
+                           "--png", str(png)], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
 
@@ -69,9 +77,9 @@ def test_predictions_and_engine_agreement_are_kept(dry_run):
 
 
 def test_unknown_recipe_is_refused_before_any_work(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "bench/real_model.py"), "run", "--tiny", "--model",
+    proc = subprocess.run([sys.executable, "-m", "bench", "real-model", "run", "--tiny", "--model",
                            str(tmp_path / "m"), "--runs", "nonsense:0", "--work", str(tmp_path / "w"),
-                           "--out", str(tmp_path / "o")], capture_output=True, text=True)
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode != 0 and "unknown recipe(s) nonsense" in proc.stderr
     assert not (tmp_path / "w").exists() and not (tmp_path / "m").exists()
 

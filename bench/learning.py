@@ -1,4 +1,4 @@
-"""Does the training loop learn? A controlled experiment on a task small enough to run in CI.
+"""The learning experiment: does the training loop learn? A controlled experiment on a task small enough to run in CI.
 
 A small Qwen2-architecture model is built from scratch (``tiny.py``'s builders), warmed up with a
 short supervised run on synthetic additions ("What is 23 + 45?") written in the project's
@@ -13,21 +13,28 @@ The negative control runs the same budget with every reward permuted across the 
 the batch (one seeded ``random.Random`` per run, never the global RNG): the rewards keep their
 distribution but no longer say which completion earned them, so nothing should be learned.
 
-``python -m grpo_gsm8k.learning --size cpu --seeds 0 1 2`` prints the per-seed numbers;
-``--size gpu`` is the larger setting for a CUDA machine. See LEARNING.md.
+    python -m bench learning --size cpu --seeds 0 1 2 --control --out DIR/learning.json
+    python -m bench learning --size gpu --seeds 0 1 2 3 4 --control --processes 10 --out DIR/learning.json --plot P
+    python -m bench learning --size gpu --lrs 1e-3 5e-4 --seeds 0 1 2 --control --processes 12 --out DIR/sweep.json
+
+prints the per-run table and writes every number and curve (the bench result schema); ``--size gpu`` is the larger
+setting for a CUDA machine, ``--lrs`` runs the size at several learning rates (how the gpu size's was chosen). See
+LEARNING.md; tests/test_learning.py is the CI run.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import random
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from bench import common
+
+SCENARIO = "learning"
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_PARAMS = ROOT / "profiles" / "tiny.yaml"
@@ -62,18 +69,17 @@ SIZES = {
         train=dict(learning_rate=2e-3, max_steps=150, per_device_train_batch_size=128, num_generations=4,
                    max_completion_length=24),
     ),
-    # One GPU: a 4x wider, 2x deeper model, ten thousand problems, twice the prompts per step and
-    # twice the steps; 10 runs at a time take ~7 min on one H100 (LEARNING.md). LoRA r=32/alpha=64
-    # at lr 2e-3 lost correctness; this scale at 1e-3 or 5e-4 gained +0.28 to +0.46 on every seed.
-    # The longest answer, 99 + 99, takes 24 tokens.
-    "gpu": Size(
-        operand_max=99, carries=True, n_test=512, n_dev=256, hidden_size=256, layers=4, vocab_size=512,
-        warmup_lr=1e-3, warmup_batch=128, warmup_max_steps=8000, warmup_check_every=50, warmup_target=0.3,
-        lora=dict(r=16, alpha=32),
-        train=dict(learning_rate=1e-3, max_steps=300, per_device_train_batch_size=256, num_generations=4,
-                   max_completion_length=28),
-    ),
 }
+# One GPU: a 4x wider, 2x deeper model, ten thousand problems, twice the prompts per step and
+# twice the steps; 10 runs at a time take ~7 min on one H100 (LEARNING.md). LoRA r=32/alpha=64
+# at lr 2e-3 lost correctness; this scale at 1e-3 or 5e-4 gained +0.28 to +0.46 on every seed.
+# The longest answer, 99 + 99, takes 24 tokens.
+SIZES["gpu"] = replace(
+    SIZES["cpu"], operand_max=99, n_test=512, n_dev=256, hidden_size=256, layers=4, warmup_lr=1e-3,
+    warmup_batch=128, warmup_max_steps=8000,
+    train=dict(learning_rate=1e-3, max_steps=300, per_device_train_batch_size=256, num_generations=4,
+               max_completion_length=28),
+)
 
 
 # ---------------------------------------------------------------------------------------------- task
@@ -96,13 +102,13 @@ def _digit_sum(n: int) -> int:
 
 
 def system_prompt() -> str:
-    from .config import read_yaml
+    from grpo_gsm8k.config import read_yaml
 
     return read_yaml(TINY_PARAMS)["data"]["system_prompt"]
 
 
 def with_prompts(rows: list[dict]) -> list[dict]:
-    from .gsm8k import build_prompt
+    from grpo_gsm8k.gsm8k import build_prompt
 
     sp = system_prompt()
     return [{**row, "prompt": build_prompt(row["question"], sp)} for row in rows]
@@ -119,7 +125,7 @@ def device():
 
 def accuracy(model, tokenizer, rows: list[dict], batch_size: int, max_new_tokens: int) -> dict:
     """Greedy generation and the project's grader: the same path the evaluate stage takes."""
-    from .evaluation import generate_hf, score
+    from grpo_gsm8k.evaluation import generate_hf, score
 
     was_training = model.training
     model.eval()
@@ -147,8 +153,8 @@ def warm_up(size: Size, seed: int, out_dir: Path, data: dict, log=print) -> dict
     import torch
     from transformers import AutoModelForCausalLM, set_seed
 
-    from .modeling import load_tokenizer
-    from .tiny import build_model, build_tokenizer
+    from grpo_gsm8k.modeling import load_tokenizer
+    from grpo_gsm8k.tiny import build_model, build_tokenizer
 
     info_file = out_dir / "warmup.json"
     if info_file.is_file():  # the same seed and size always produce the same model: reuse it
@@ -205,7 +211,7 @@ def warm_up(size: Size, seed: int, out_dir: Path, data: dict, log=print) -> dict
 
 def params_for(size: Size, seed: int, model_dir: Path):
     """profiles/tiny.yaml with this experiment's model, LoRA and budget: the project's own Params."""
-    from . import config
+    from grpo_gsm8k import config
 
     raw = config.read_yaml(TINY_PARAMS)
     raw["model"].update(name=str(model_dir), backend="transformers", load_in_4bit=False, dtype="float32",
@@ -271,8 +277,8 @@ def run_experiment(size: str | Size = "cpu", seed: int = 0, control: bool = Fals
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, set_seed
 
-    from . import training
-    from .modeling import load_policy
+    from grpo_gsm8k import training
+    from grpo_gsm8k.modeling import load_policy
 
     spec = _spec(size)
     name = size if isinstance(size, str) else "custom"
@@ -363,7 +369,7 @@ def plot(results: list[dict], path: str | Path) -> None:
         label += f" (held-out {r['before']:.2f} -> {r['after']:.2f})"
         style = dict(color=f"C{r['seed'] % 10}", linestyle="--" if r["control"] else "-", linewidth=1.2)
         for ax, key in zip(axes, ("rewards", "correctness")):
-            smooth = _moving_average(r[key], max(1, len(r[key]) // 30))  # per-step means are noisy
+            smooth = common.moving_average(r[key], max(1, len(r[key]) // 30))  # per-step means are noisy
             ax.plot(range(1, len(smooth) + 1), smooth, label=label if ax is axes[0] else None, **style)
     axes[0].set(title="total reward (mean over completions, moving average)", xlabel="GRPO step", ylabel="reward")
     axes[1].set(title="correctness reward (fraction right)", xlabel="GRPO step", ylabel="mean")
@@ -373,46 +379,55 @@ def plot(results: list[dict], path: str | Path) -> None:
     plt.close(fig)
 
 
-def _moving_average(values: list[float], window: int) -> list[float]:
-    chunks = [values[max(0, i - window + 1):i + 1] for i in range(len(values))]
-    return [sum(chunk) / len(chunk) for chunk in chunks]
-
-
 def trend(values: list[float], part: float = 0.25) -> float:
     """Mean of the last quarter minus mean of the first quarter: how far a logged curve rose."""
     n = max(1, int(len(values) * part))
     return sum(values[-n:]) / n - sum(values[:n]) / n
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    argv = common.argv_or_sys(argv)
+    parser = common.parser(SCENARIO, __doc__)
     parser.add_argument("--size", default="cpu", choices=sorted(SIZES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--control", action="store_true", help="also run the shuffled-reward control")
+    parser.add_argument("--lrs", type=float, nargs="+", default=None,
+                        help="the size at each of these learning rates (default: its own)")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--processes", type=int, default=1,
                         help="runs at a time; on a GPU several small runs share the device")
-    parser.add_argument("--out", default=None, help="write all results as JSON here")
-    parser.add_argument("--plot", default=None, help="write the reward curves as a PNG here")
-    args = parser.parse_args()
+    parser.add_argument("--out", default=None, help="write all results here (JSON), each run as it finishes")
+    parser.add_argument("--plot", default=None, help="write the reward curves as a PNG here (one per lr with --lrs)")
+    args = parser.parse_args(argv)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="learning-"))
-    runs = [(args.size, seed, control) for seed in args.seeds
+    base = SIZES[args.size]
+    sizes = [replace(base, train={**base.train, "learning_rate": lr}) for lr in args.lrs] if args.lrs else [args.size]
+    runs = [(size, seed, control) for size in sizes for seed in args.seeds
             for control in ([False, True] if args.control else [False])]
-    results = run_grid(runs, workdir, args.processes)
-    print("\n| seed | run | warm-up steps | held-out before | after | gain | trained-on before -> after "
+    done = []
+
+    def save(result: dict | None = None) -> None:  # after every run: a grid cut short keeps what finished
+        if result is not None:
+            done.append(result)
+        if args.out:
+            entries = [common.run_entry(f"lr {r['learning_rate']:g} seed {r['seed']} "
+                                        f"{'shuffled control' if r['control'] else 'GRPO'}",
+                                        [{"step": "grpo", "seconds": r["grpo_seconds"]}], **r) for r in done]
+            common.write_json(Path(args.out), common.result(
+                SCENARIO, argv, vars(args), entries, "complete" if len(done) == len(runs) else "partial"))
+
+    results = run_grid(runs, workdir, args.processes, on_result=save)
+    print("\n| lr | seed | run | warm-up steps | held-out before | after | gain | trained-on before -> after "
           "| correctness reward, first -> last quarter | seconds |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         n = max(1, len(r["correctness"]) // 4)
         first, last = sum(r["correctness"][:n]) / n, sum(r["correctness"][-n:]) / n
-        print(f"| {r['seed']} | {'shuffled control' if r['control'] else 'GRPO'} | {r['warmup']['steps']} | "
-              f"{r['before']:.3f} | {r['after']:.3f} | {r['after'] - r['before']:+.3f} | "
+        print(f"| {r['learning_rate']:g} | {r['seed']} | {'shuffled control' if r['control'] else 'GRPO'} | "
+              f"{r['warmup']['steps']} | {r['before']:.3f} | {r['after']:.3f} | {r['after'] - r['before']:+.3f} | "
               f"{r['before_seen']:.3f} -> {r['after_seen']:.3f} | {first:.3f} -> {last:.3f} | {r['seconds']} |")
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
     if args.plot:
-        plot(results, args.plot)
-
-
-if __name__ == "__main__":
-    main()
+        for lr in args.lrs or [None]:
+            chosen = [r for r in results if lr is None or r["learning_rate"] == lr]
+            path = Path(args.plot)
+            plot(chosen, path if lr is None else path.with_name(f"{path.stem}-lr{lr:g}{path.suffix}"))

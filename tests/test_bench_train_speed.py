@@ -1,0 +1,171 @@
+"""`python -m bench train-speed` and `merge` on CPU with the tiny model (the tiny profile's batch): the result they
+write (the bench result schema), what a timeout leaves, the adapter through the merge stage, and a new result
+picked up by `python -m bench report` where its scenario's table is."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench import common, report, train_speed
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "tests" / "fixtures" / "gsm8k"
+TINY = ["--backend", "transformers", "--params", str(ROOT / "profiles/tiny.yaml"), "--data", str(DATA),
+        "--completion", "8"]
+pytestmark = pytest.mark.slow
+
+
+def bench(*args: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, tmp_path_factory):
+    """Issue 27's `today` lever config for 3 steps, its adapter saved (LoRA B perturbed), as speed_levers.sh runs it."""
+    out = tmp_path_factory.mktemp("train_speed")
+    bench("train-speed", *TINY, "--model", str(tiny_model), "--configs", "today", "--steps-big", "3",
+          "--results-dir", str(out), "--out", "levers", "--save-adapter", str(out / "adapter"), "--budget-s", "300")
+    return out, json.loads((out / "levers.json").read_text())
+
+
+def test_a_run_writes_one_result_of_the_schema_with_its_timed_steps(trained):
+    out, result = trained
+    assert common.check(result) == [] and result["scenario"] == "train-speed" and result["status"] == "complete"
+    assert result["command"].startswith("python -m bench train-speed --backend transformers ")
+    [run] = result["runs"]
+    assert run["name"] == "today" and run["status"] == "complete" and [s["step"] for s in run["steps"]] == [1, 2, 3]
+    seconds = [s["seconds"] for s in run["steps"][1:]]  # the first step is warm-up
+    assert run["summary"]["timed_steps"] == 2
+    assert run["summary"]["median_s"] == pytest.approx(sum(seconds) / 2, abs=1e-3)
+    assert run["summary"]["min_s"] == min(seconds) and run["summary"]["max_s"] == max(seconds)
+    assert all(s["completion_tokens"] == s["completions"] * 8 for s in run["steps"])  # every completion forced to 8
+    # the lever's params were applied, and TRL's own sections were timed
+    assert run["params"] == train_speed.LEVERS["today"]["params"]
+    assert run["effective_args"]["gradient_checkpointing"] is True
+    assert "section_transformers_generate_s" in run["summary"]["sections_s_per_step"]
+    assert result["model_config"]["hidden_size"] == json.loads((Path(result["model"]) / "config.json").read_text())[
+        "hidden_size"]
+
+
+def test_a_bench_adapter_goes_through_the_merge_stage_with_its_card(trained, tiny_model, tmp_path):
+    """`train-speed --save-adapter` then `merge`: the merge stage reads the adapter's training_run.json for the
+    model card, which the H100 run once found missing."""
+    out, _ = trained
+    run = json.loads((out / "adapter/training_run.json").read_text())
+    assert run["backend"] == "transformers" and run["base_model"] == str(tiny_model.resolve())
+    assert run["effective_grpo_config"]["vllm_importance_sampling_correction"] is True
+
+    bench("merge", "--model", str(tiny_model), "--adapter", str(out / "adapter"), "--data", str(DATA),
+          "--workdir", str(tmp_path / "work"), "--results-dir", str(tmp_path), "--out", "merge")
+    merge = json.loads((tmp_path / "merge.json").read_text())
+    assert common.check(merge) == [] and merge["runs"][0]["steps"][0]["step"] == "merge"
+    assert merge["pass"] and merge["base_vs_merged"]["max_abs"] > 0  # the perturbed LoRA changed the logits
+    card = (tmp_path / "work/models/merged/README.md").read_text()
+    assert "| backend | transformers |" in card
+
+
+def test_the_report_tables_a_new_levers_result_where_it_lands(trained, tmp_path):
+    """speed_levers.sh's result copied into a results tree is picked up by the levers table as it is, with the
+    command, GPU and status the index reads from the file itself; without it, the table names the command."""
+    out, result = trained
+    template = tmp_path / "BENCHMARKS.in.md"
+    template.write_text("# B\n\n## Levers\n\n{{speed-levers}}\n\n## Training speed\n\n{{train-speed}}\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "runs.yaml").write_text("runs: {}\n")
+    bench_md, _, problems = report.render(empty, template, tmp_path)
+    assert "Not measured yet: issue 27's speed levers" in bench_md and "bash bench/speed_levers.sh main" in bench_md
+    assert problems == []
+
+    results = tmp_path / "results"
+    (results / "train_speed/levers_cpu").mkdir(parents=True)
+    (results / "train_speed/levers_cpu/levers.json").write_text(json.dumps(result))
+    (results / "runs.yaml").write_text("runs: {}\n")
+    bench_md, index_md, problems = report.render(results, template, tmp_path)
+    assert problems == [] and "Not measured yet" not in bench_md
+    levers, speed = bench_md.split("## Training speed")
+    summary = result["runs"][0]["summary"]
+    row = next(line for line in levers.splitlines() if "`train_speed/levers_cpu/levers.json`" in line)
+    assert f"**{summary['median_s']:.1f} s ({summary['min_s']:.1f}-{summary['max_s']:.1f})**, 2 timed" in row
+    assert "| today |" in row and "levers.json" not in speed  # levers have their own table
+    folder = next(line for line in index_md.splitlines() if line.startswith("| `train_speed/levers_cpu/` |"))
+    assert f"`{result['command']}`" in folder and "| complete |" in folder
+    assert f"| {result['finished'][:10]} |" in folder
+
+
+def test_speed_levers_sh_prints_the_summary_of_a_result_in_the_schema(trained):
+    """bench/speed_levers.sh's own summary lines (its inline Python) over a train-speed result: what a GPU call
+    prints of each lever, read here from a CPU run of one."""
+    out, result = trained
+    script = (ROOT / "bench/speed_levers.sh").read_text()
+    code = script.split("<<'EOF'\n", 1)[1].split("\nEOF\n", 1)[0]
+    proc = subprocess.run([sys.executable, "-c", code, str(out / "levers.json")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    status, line = proc.stdout.splitlines()
+    s = result["runs"][0]["summary"]
+    assert status == "status complete"
+    assert line.startswith(f"today complete 8 x 1 | s/step median {s['median_s']} [{s['min_s']}, {s['max_s']}] |")
+
+
+def test_the_gpu_session_scripts_parse():
+    for script in sorted((ROOT / "bench").glob("*.sh")):
+        proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert proc.returncode == 0, f"{script.name}: {proc.stderr}"
+
+
+def test_a_timeout_keeps_what_was_measured_as_a_partial_result(tiny_model, tmp_path):
+    log_path = tmp_path / "train.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bench", "train-speed", *TINY, "--model", str(tiny_model), "--configs", "defaults",
+             "--steps-big", "1000", "--results-dir", str(tmp_path), "--out", "stopped", "--budget-s", "3000"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    deadline = time.time() + 300
+    while "] step {" not in log_path.read_text():  # a step measured; the timeout lands in a later one
+        assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)  # what `timeout` sends (speed_levers.sh)
+    assert proc.wait(timeout=60) == 124, log_path.read_text()[-3000:]
+
+    result = json.loads((tmp_path / "stopped.json").read_text())
+    assert common.check(result) == [] and result["status"] == "partial"
+    [run] = result["runs"]
+    assert run["stopped"].startswith("SIGTERM") and run["status"] == "partial"
+    assert run["steps"] and run["micro_batch_seconds"] and all(s > 0 for s in run["micro_batch_seconds"])
+
+
+def test_trainer_args_are_typed_like_yaml_values():
+    pairs = ["vllm_gpu_memory_utilization=0.3", "optim=adamw_torch", "vllm_importance_sampling_correction=false",
+             "max_steps=2", "vllm_max_model_length=null"]
+    assert train_speed.parse_trainer_args(pairs) == {
+        "vllm_gpu_memory_utilization": 0.3, "vllm_importance_sampling_correction": False, "max_steps": 2,
+        "vllm_max_model_length": None, "optim": "adamw_torch"}
+    with pytest.raises(SystemExit, match="expected KEY=VALUE"):
+        train_speed.parse_trainer_args(["vllm_importance_sampling_correction"])
+
+
+def test_summary_gives_the_median_and_spread_of_the_timed_steps_not_only_the_mean():
+    steps = [{"seconds": s, "completion_tokens": 100, "generate_s": 1.0, "generate_and_score_s": 2.0}
+             for s in (70.0, 68.0, 38.0, 37.0, 39.0)]  # two slow early steps: a mean alone would hide them
+    summary = train_speed.summarise(steps, warmup=1)
+    assert summary["timed_steps"] == 4 and summary["mean_s"] == 45.5
+    assert summary["median_s"] == 38.5 and (summary["min_s"], summary["max_s"]) == (37.0, 68.0)
+    assert summary["generate_s_per_step"] == 1.0 and summary["train_s_per_step"] == 43.5
+    assert train_speed.summarise(steps, warmup=2)["median_s"] == 38.0
+
+
+def test_halving_keeps_the_step_and_never_splits_a_group():
+    bc = {"per_device_train_batch_size": 32, "gradient_accumulation_steps": 8, "completion_tokens": 512,
+          "completions_per_step": 256, "prompts_per_step": 32}
+    half = train_speed.halved(bc, num_generations=8)
+    assert (half["per_device_train_batch_size"], half["gradient_accumulation_steps"]) == (16, 16)
+    assert half["completions_per_step"] == 256
+    quarter = train_speed.halved(half, 8)
+    assert quarter["per_device_train_batch_size"] == 8 and quarter["completions_per_step"] == 256
+    assert train_speed.halved(quarter, num_generations=8) is None  # 4 rows would split a group of 8
