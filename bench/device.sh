@@ -38,7 +38,11 @@ bench_device_env() {
   if [ ! -f /tmp/model.gguf ] && [ -d /tmp/acc ]; then
     cat /tmp/acc/part* > /tmp/model.gguf && echo "$GGUF_SHA  /tmp/model.gguf" | sha256sum -c - && rm -rf /tmp/acc
   fi
-  export PYTHONPATH=/tmp/vsite:/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 \
+  if [ ! -d /tmp/lmsite/lm_eval ] && ls /tmp/whl/*.whl > /dev/null 2>&1; then
+    # lm-eval and what it imports that the machine lacks (.whl/a and .whl/b: bench/lm_eval_wheels.sh)
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/lmsite /tmp/whl/*.whl
+  fi
+  export PYTHONPATH=/tmp/vsite:/tmp/site:/tmp/lmsite VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 \
     HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 DVC_NO_ANALYTICS=1
   export PATH=/tmp/site/bin:$PATH
 }

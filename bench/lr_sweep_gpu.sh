@@ -9,7 +9,8 @@
 # schedule keeps its shape), micro-batches of 8 x 32 accumulation steps (the same 256 completions a step, one loss
 # normalised over the whole batch), a vLLM share of 0.08 each, and lm_eval.tasks: [] (lm-eval's tasks are an
 # evaluation beside the project's, measured on their own by `python -m bench lm-eval`; they change nothing trained).
-# Evaluation: all 1,319 test problems, greedy. nvidia-smi's memory and utilisation every 30 s go to $1/gpu.csv.
+# Evaluation: all 1,319 test problems, greedy; the base's is the first half's (--base-from: the same model, eval
+# params and engine; evaluate_base would measure it again in about 1.5 minutes). nvidia-smi's memory and utilisation every 30 s go to $1/gpu.csv.
 # Seen on 2026-12-04 (six runs, 20 s staggers): GGUF to bf16 71 s, prepares + base evaluation 3.5 min, four runs
 # at 25-33 s a step (13.5-14.1 min of training), 76 s per evaluation engine start; two runs lost their vLLM start
 # to the others' memory, which real_model.py now prevents by starting one engine at a time. Budget: about 25
@@ -30,9 +31,18 @@ trap 'kill $monitor' EXIT  # the GPU log ends with the script
 step "real model built: $(ls /tmp/coder05 | tr '\n' ' ')"
 python -m bench real-model run --model /tmp/coder05 --data /tmp/carry/data/gsm8k --work /tmp/sweep --out "$out/sweep" \
   --model-label "Qwen/Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, dequantized to bf16)" \
-  --runs defaults:1 lr1e-5:3407 lr5e-5-clip1:3407 \
+  --runs defaults:1 lr1e-5:3407 lr5e-5-clip1:3407 --base-from bench/results/real_model/lr_sweep \
   --set train.max_steps=30 train.per_device_train_batch_size=8 train.gradient_accumulation_steps=32 \
     generation.vllm_gpu_memory_utilization=0.08 'lm_eval.tasks=[]' > "$out/run.log" 2>&1
 step "real_model run: rc $?"
 python -m bench real-model plot --summary "$out/sweep/summary.json" --png "$out/sweep/curves.png" >> "$out/run.log" 2>&1
 step "done"
+touch "$out/SWEEP_DONE"
+# Issue 30, if the device budget still allows (carry .whl/a and .whl/b: bench/lm_eval_wheels.sh): lm-eval's GSM8K on
+# the base and on the defaults' seed-1 adapter through the evaluate stages, beside the project's grader. Each
+# `wait` packs $1 as it is, so the sweep's results come back first.
+if [ -d /tmp/lmsite/lm_eval ] && [ -f /tmp/sweep/defaults-s1/models/adapter/adapter_config.json ]; then
+  python -m bench lm-eval --adapter /tmp/sweep/defaults-s1/models/adapter --out "$out/lm_eval" \
+    --set generation.vllm_gpu_memory_utilization=0.3 > "$out/lm_eval.log" 2>&1
+  step "lm-eval: rc $?"
+fi

@@ -121,6 +121,8 @@ def cmd_run(a) -> None:
     logs = {key: out / f"{key[0]}-s{key[1]}.log" for key in runs}
     for key in runs:
         logs[key].write_text("")
+    if a.base_from:
+        reuse_base(Path(a.base_from), first, a.model_label or str(model))
     with ThreadPoolExecutor(max_workers=len(runs)) as pool:  # CPU only: 6 in a row took minutes on real GSM8K
         for job in [pool.submit(run_stage, spaces[key], "prepare", logs[key]) for key in runs]:
             job.result()
@@ -136,7 +138,8 @@ def cmd_run(a) -> None:
     # profiling"; 2 of 6 runs on 2026-12-04 with fixed 20 s staggers). So one engine starts at a time: the base
     # evaluation alone, then each training once the one before has finished its first step (its memory settled),
     # and the evaluations one after another.
-    run_stage(first, "evaluate_base", logs[runs[0]])
+    if not a.base_from:
+        run_stage(first, "evaluate_base", logs[runs[0]])
     log(f"base: {json.loads((first / 'reports/eval_base/metrics.json').read_text())}")
     if a.hf_agreement:
         hf_base_eval()
@@ -167,6 +170,24 @@ def cmd_run(a) -> None:
         summarize(work, done, out, a.model_label or str(model), first, a, failed)
     if failed:
         sys.exit(f"{len(failed)} of {len(runs)} runs failed; summary.json holds the others")
+
+
+def reuse_base(results: Path, ws: Path, model_label: str) -> None:
+    """evaluate_base's outputs from an earlier run's results folder (summary.json, base-eval_base.jsonl.gz) into
+    the workspace, as DVC's run-cache would restore them: the same model and the same eval params, or refused."""
+    summary = json.loads((results / "summary.json").read_text())
+    base = summary["runs"][0]["base"]
+    p = config.parse(config.read_yaml(ws / "params.yaml"))
+    wanted = {"model": model_label, "max_new_tokens": p.eval.max_new_tokens, "capped_at": p.eval.max_problems,
+              "engine": "vllm" if p.generation.use_vllm else "transformers"}
+    found = {"model": summary["model"], **{k: base.get(k) for k in wanted if k != "model"}}
+    if found != wanted:
+        sys.exit(f"error: --base-from {results}: its base evaluation was {found}, this run's would be {wanted}")
+    (ws / "reports/eval_base").mkdir(parents=True, exist_ok=True)
+    (ws / "reports/eval_base/metrics.json").write_text(json.dumps(base, indent=2) + "\n")
+    with gzip.open(results / "base-eval_base.jsonl.gz", "rb") as f:
+        (ws / "reports/eval_base/predictions.jsonl").write_bytes(f.read())
+    log(f"base evaluation reused from {results}")
 
 
 def wait_first_step(logfile: Path, job, poll_s: float = 2.0) -> None:
@@ -280,6 +301,8 @@ def main(argv: list[str] | None = None) -> None:
                    help=f"recipe:seed pairs; recipes: {', '.join(RECIPES)}")
     r.add_argument("--set", nargs="*", default=[], help="more params overrides, e.g. train.max_steps=60")
     r.add_argument("--hf-agreement", action="store_true", help="also evaluate the base with HF generate")
+    r.add_argument("--base-from", default=None, help="an earlier results folder of the same model and eval params: "
+                   "its base evaluation instead of evaluate_base (the device budget)")
     r.add_argument("--tiny", action="store_true", help="CPU dry run: tiny model, fixture rows, tiny profile")
     r.add_argument("--work", default="/tmp/real_model")
     r.add_argument("--out", default=str(ROOT / "build/bench/real_model"),

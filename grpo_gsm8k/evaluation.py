@@ -31,8 +31,12 @@ def generate(p: Params, adapters: list[str | None], prompts: list[list[dict]], t
         lora = any(adapters)
         llm = load_vllm(p.model.name, p.model.max_seq_length, p.generation.vllm_gpu_memory_utilization, p.model.dtype,
                         max_lora_rank=p.lora.r if lora else None, seed=seed or 0)
-        return [generate_vllm(llm, prompts, p.eval.max_new_tokens, adapter, temperature=temperature, seed=seed or 0)
-                for adapter in adapters]
+        try:
+            return [generate_vllm(llm, prompts, p.eval.max_new_tokens, adapter, temperature=temperature, seed=seed or 0)
+                    for adapter in adapters]
+        finally:  # the engine's process exits now, not when the collector gets to it: an engine started next (lm-eval's
+            # in the evaluate stage) fails if memory is freed while it profiles ("Error in memory profiling")
+            llm.llm_engine.engine_core.shutdown()
     cuda = modeling.cuda_available()
     tokenizer = modeling.load_tokenizer(p.model.name)
     results = []
