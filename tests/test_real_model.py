@@ -86,10 +86,10 @@ def test_unknown_recipe_is_refused_before_any_work(tmp_path):
 
 def test_an_earlier_base_evaluation_is_reused_only_for_the_same_eval(dry_run, tmp_path):
     work, out, summary = dry_run
-    script = [sys.executable, str(ROOT / "bench/real_model.py"), "run", "--tiny", "--model", str(work.parent / "tiny-model"),
+    script = [sys.executable, "-m", "bench", "real-model", "run", "--tiny", "--model", str(work.parent / "tiny-model"),
               "--runs", "defaults:7", "--base-from", str(out), "--set", "train.max_steps=1"]
     proc = subprocess.run([*script, "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     [run] = json.loads((tmp_path / "o/summary.json").read_text())["runs"]
     assert run["base"] == summary["runs"][0]["base"] and run["trained"]["problems"] == run["base"]["problems"]
@@ -97,6 +97,6 @@ def test_an_earlier_base_evaluation_is_reused_only_for_the_same_eval(dry_run, tm
     assert "===== evaluate_base" not in (tmp_path / "o/defaults-s7.log").read_text()  # the stage did not run
     # other eval params: refused before any stage runs
     proc = subprocess.run([*script[:-1], "train.max_steps=1", "eval.max_new_tokens=7", "--work", str(tmp_path / "w2"),
-                           "--out", str(tmp_path / "o2")], capture_output=True, text=True)
+                           "--out", str(tmp_path / "o2")], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode != 0 and "its base evaluation was" in proc.stderr and "'max_new_tokens': 7" in proc.stderr
     assert "===== prepare" not in (tmp_path / "o2/defaults-s7.log").read_text()
