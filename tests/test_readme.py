@@ -172,6 +172,7 @@ def test_ctrl_c_in_training_stops_cleanly_and_keeps_the_adapter(walked):
     saved = (ws / "params.yaml").read_text()
     params = yaml.safe_load(saved)
     params["train"]["learning_rate"] = 0.002
+    params["train"]["max_steps"] = 200  # a loaded machine reads "step 1/" late: the SIGINT must still find it training
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     proc = subprocess.Popen(["dvc", "repro", "train"], cwd=ws, env=smoke.workspace_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
