@@ -80,13 +80,16 @@ def main(argv: list[str] | None = None) -> None:
         a.model, a.data = str(ws.parent / "tiny-model"), str(ROOT / "tests/fixtures/gsm8k")
         a.adapter = a.adapter or str(ws.parent / "tiny-adapter")
         tiny_inputs(a)
-    elif not a.adapter:
-        sys.exit("error: --adapter DIR is required (a trained adapter folder)")
+    elif not a.adapter and a.only != "base":
+        sys.exit("error: --adapter DIR is required (a trained adapter folder), unless --only base")
     else:
         build_real_model(a)
-    lora_r = json.loads((Path(a.adapter) / "adapter_config.json").read_text())["r"]
     overrides = {"model.name": str(Path(a.model).resolve()), "data.source": "local",
-                 "data.local_dir": str(Path(a.data).resolve()), "lora.r": lora_r}
+                 "data.local_dir": str(Path(a.data).resolve())}
+    lora_r = None
+    if a.adapter:  # lm-eval's max_lora_rank comes from lora.r
+        lora_r = json.loads((Path(a.adapter) / "adapter_config.json").read_text())["r"]
+        overrides["lora.r"] = lora_r
     if not a.tiny:  # the whole test split, vLLM on the 16-bit base (the LoRA per request)
         overrides |= {"model.load_in_4bit": False, "generation.use_vllm": True, "eval.max_problems": None,
                       "lm_eval.max_problems": None}

@@ -15,7 +15,7 @@
 # at 25-33 s a step (13.5-14.1 min of training), 76 s per evaluation engine start; two runs lost their vLLM start
 # to the others' memory, which real_model.py now prevents by starting one engine at a time. Budget: about 25
 # minutes from the first call; send each polling call (`bash bench/device.sh wait /tmp/b26`) at once: the machine
-# goes back 30 s after a call ends. Keep the result: copy $1/sweep (summary.json, predictions, logs, curves.png) to
+# goes back 30 s after a call ends. Each `wait` packs $1 as it is (SWEEP_DONE: the sweep's part is complete). Keep the result: copy $1/sweep (summary.json, predictions, logs, curves.png) to
 # bench/results/real_model/<name>/, describe it in bench/results/runs.yaml, then `python -m bench report`.
 set -u
 out=$(mkdir -p "${1:-/tmp/b26}" && cd "${1:-/tmp/b26}" && pwd)
@@ -33,16 +33,28 @@ python -m bench real-model run --model /tmp/coder05 --data /tmp/carry/data/gsm8k
   --model-label "Qwen/Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, dequantized to bf16)" \
   --runs defaults:1 lr1e-5:3407 lr5e-5-clip1:3407 --base-from bench/results/real_model/lr_sweep \
   --set train.max_steps=30 train.per_device_train_batch_size=8 train.gradient_accumulation_steps=32 \
-    generation.vllm_gpu_memory_utilization=0.08 'lm_eval.tasks=[]' > "$out/run.log" 2>&1
+    generation.vllm_gpu_memory_utilization=0.08 'lm_eval.tasks=[]' > "$out/run.log" 2>&1 &
+sweep=$!
+# Issue 30 (carry .whl/a and .whl/b: bench/lm_eval_wheels.sh): lm-eval's GSM8K through the evaluate stages, beside
+# the project's grader. The base's while the trainings run: its engines start once the last training's has settled
+# (its first step) and it ends minutes before the first evaluation starts; its times are measured beside three
+# trainings. The defaults' seed-1 adapter's after the sweep, alone on the GPU.
+if [ -d /tmp/lmsite/lm_eval ]; then
+  last="$out/sweep/lr5e-5-clip1-s3407.log"
+  until grep -q "^step [0-9]*/" "$last" 2> /dev/null || ! kill -0 $sweep 2> /dev/null; do sleep 5; done
+  step "lm-eval on the base"
+  python -m bench lm-eval --only base --out "$out/lm_eval" --set generation.vllm_gpu_memory_utilization=0.15 \
+    > "$out/lm_eval_base.log" 2>&1
+  step "lm-eval on the base: rc $?"
+fi
+wait $sweep
 step "real_model run: rc $?"
 python -m bench real-model plot --summary "$out/sweep/summary.json" --png "$out/sweep/curves.png" >> "$out/run.log" 2>&1
-step "done"
 touch "$out/SWEEP_DONE"
-# Issue 30, if the device budget still allows (carry .whl/a and .whl/b: bench/lm_eval_wheels.sh): lm-eval's GSM8K on
-# the base and on the defaults' seed-1 adapter through the evaluate stages, beside the project's grader. Each
-# `wait` packs $1 as it is, so the sweep's results come back first.
 if [ -d /tmp/lmsite/lm_eval ] && [ -f /tmp/sweep/defaults-s1/models/adapter/adapter_config.json ]; then
-  python -m bench lm-eval --adapter /tmp/sweep/defaults-s1/models/adapter --out "$out/lm_eval" \
-    --set generation.vllm_gpu_memory_utilization=0.3 > "$out/lm_eval.log" 2>&1
-  step "lm-eval: rc $?"
+  step "lm-eval on the trained model"
+  python -m bench lm-eval --only trained --adapter /tmp/sweep/defaults-s1/models/adapter --out "$out/lm_eval" \
+    --set generation.vllm_gpu_memory_utilization=0.3 > "$out/lm_eval_trained.log" 2>&1
+  step "lm-eval on the trained model: rc $?"
 fi
+step "done"

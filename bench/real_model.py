@@ -7,8 +7,8 @@ recipes x seeds (LEARNING.md).
          the recipe's overrides, then dvc.yaml's own commands for prepare, evaluate_base, train and
          evaluate. evaluate_base is greedy and seed-independent, so it runs once and is copied. The trainings
          go in parallel processes (a 0.5B model leaves most of an H200 idle), their vLLM engines started
-         one at a time; the evaluations run one after another. A failed run leaves the others running
-         and out of summary.json, and the command exits non-zero. With --hf-agreement, the base is also
+         one at a time; each is evaluated when it ends, one evaluation at a time. A failed run leaves the
+         others running and out of summary.json, and the command exits non-zero. With --hf-agreement, the base is also
          evaluated with HF generate, to compare with vLLM problem by problem. Writes <out>/summary.json (the
          bench result schema, bench/common.py): {"model", "runs": [{"name", "recipe", "seed", "params",
          "train_minutes", "base", "trained", "curves", "heldout", "steps", "summary"}], "agreement"};
@@ -137,7 +137,7 @@ def cmd_run(a) -> None:
     # frees memory meanwhile makes it fail ("No available memory for the cache blocks", "Error in memory
     # profiling"; 2 of 6 runs on 2026-12-04 with fixed 20 s staggers). So one engine starts at a time: the base
     # evaluation alone, then each training once the one before has finished its first step (its memory settled),
-    # and the evaluations one after another.
+    # and the evaluations one after another, each as its training ends (the later trainings' memory settled).
     if not a.base_from:
         run_stage(first, "evaluate_base", logs[runs[0]])
     log(f"base: {json.loads((first / 'reports/eval_base/metrics.json').read_text())}")
@@ -154,11 +154,11 @@ def cmd_run(a) -> None:
             if i:
                 wait_first_step(logs[runs[i - 1]], jobs[runs[i - 1]])
             jobs[key] = pool.submit(run_stage, spaces[key], "train", logs[key], 29600 + i)
+        # trainings started in order end in order: each is evaluated once it ends, while the later ones train
         for key, job in jobs.items():
             if job.exception():
                 failed[key] = str(job.exception())
-    for key in runs:
-        if key not in failed:
+                continue
             try:
                 run_stage(spaces[key], "evaluate", logs[key])
             except RuntimeError as err:
