@@ -8,9 +8,9 @@
 #   bash bench/device.sh start DIR CMD [ARG...] runs CMD in that environment in the background, in a session of its
 #                                               own, from the repository root: its output in DIR/session.log, its exit
 #                                               status in DIR/DONE once it ends
-#   bash bench/device.sh wait DIR [S] [PATH...] waits up to S seconds (default 540) for DIR/DONE, then packs DIR and
-#                                               the PATHs into $OUT/res.tgz (the device tool returns at most 8 files,
-#                                               2 folders down) and prints DIR/session.log, each log's progress lines
+#   bash bench/device.sh wait DIR [S] [PATH...] waits up to S seconds (default 540) for DIR/DONE, packing DIR and
+#                                               the PATHs into $OUT/res.tgz every minute and at the end (the device tool
+#                                               returns at most 8 files, 2 folders down), then prints DIR/session.log, each log's progress lines
 #                                               and the GPU's memory
 #
 # Work longer than one device command (10 minutes): one call `start`s it and `wait`s; then send the next `wait` call
@@ -50,8 +50,14 @@ bench_device_env() {
 bench_device_wait() {
   local d=$1 limit=${2:-540}
   shift $(($# < 2 ? $# : 2))
-  while [ ! -f "$d/DONE" ] && [ "$SECONDS" -lt "$limit" ]; do sleep 5; done
-  tar czf "${OUT:-/tmp}/res.tgz" "$d" "$@" 2>/dev/null
+  local res=${OUT:-/tmp}/res.tgz packed=$SECONDS
+  # packed every minute too: a call cut at its time limit (the session's device time running out) still returns $OUT
+  pack() { tar czf "$res.part" "$d" "$@" 2>/dev/null; mv -f "$res.part" "$res"; }
+  while [ ! -f "$d/DONE" ] && [ "$SECONDS" -lt "$limit" ]; do
+    sleep 5
+    if [ $((SECONDS - packed)) -ge 60 ]; then pack "$@"; packed=$SECONDS; fi
+  done
+  pack "$@"
   if [ -f "$d/DONE" ]; then echo "DONE (exit $(cat "$d/DONE"))"; else echo "still running after ${SECONDS}s"; fi
   cat "$d/session.log" 2>/dev/null
   for f in "$d"/*.log "$d"/*/*.log; do

@@ -154,19 +154,23 @@ def cmd_run(a) -> None:
             if i:
                 wait_first_step(logs[runs[i - 1]], jobs[runs[i - 1]])
             jobs[key] = pool.submit(run_stage, spaces[key], "train", logs[key], 29600 + i)
-        # trainings started in order end in order: each is evaluated once it ends, while the later ones train
-        for key, job in jobs.items():
+        # trainings started in order end in order: each is evaluated once it ends, while the later ones train;
+        # summary.json is rewritten after each (status partial, the rest under "pending"), so a machine lost
+        # before the last evaluation still leaves the finished runs' results wherever <out> was copied
+        done = []
+        for i, (key, job) in enumerate(jobs.items()):
             if job.exception():
                 failed[key] = str(job.exception())
                 continue
             try:
                 run_stage(spaces[key], "evaluate", logs[key])
+                done.append(key)
+                summarize(work, done, out, a.model_label or str(model), first, a, failed, pending=runs[i + 1:])
             except RuntimeError as err:
                 failed[key] = str(err)
     for key, why in failed.items():
         log(f"FAILED {key[0]} seed {key[1]}: {why}")
-    done = [key for key in runs if key not in failed]
-    if done:
+    if failed and done:  # the last word: which runs failed, none pending
         summarize(work, done, out, a.model_label or str(model), first, a, failed)
     if failed:
         sys.exit(f"{len(failed)} of {len(runs)} runs failed; summary.json holds the others")
@@ -197,7 +201,7 @@ def wait_first_step(logfile: Path, job, poll_s: float = 2.0) -> None:
 
 
 def summarize(work: Path, runs: list[tuple[str, int]], out: Path, model_label: str, first: Path | None = None,
-              a: argparse.Namespace | None = None, failed: dict | None = None) -> dict:
+              a: argparse.Namespace | None = None, failed: dict | None = None, pending: list | None = None) -> dict:
     """summary.json from the runs' workspaces (the stages' own metrics), with their predictions beside it: the bench
     result schema, each run's steps TRL's step_time (the first one, warm-up, left out of the summary)."""
     from grpo_gsm8k import training
@@ -227,8 +231,9 @@ def summarize(work: Path, runs: list[tuple[str, int]], out: Path, model_label: s
     keep_predictions(first / "reports/eval_base/predictions.jsonl", out / "base-eval_base.jsonl.gz")
     a = a or argparse.Namespace(argv=[])
     params = {k: v for k, v in vars(a).items() if k != "argv"}
-    summary = {**common.result(SCENARIO, a.argv, params, results, "partial" if failed else "complete"),
-               "model": model_label, "versions": run_info["versions"], "failed": failed or {}}
+    summary = {**common.result(SCENARIO, a.argv, params, results, "partial" if failed or pending else "complete"),
+               "model": model_label, "versions": run_info["versions"], "failed": failed or {},
+               "pending": [f"{recipe}-s{seed}" for recipe, seed in pending or []]}
     hf = work / "hf-base"
     if (hf / "reports/eval_base/metrics.json").is_file():  # vLLM's greedy evaluation against HF's, problem by problem
         rows = lambda ws: [json.loads(line) for line in (ws / "reports/eval_base/predictions.jsonl").open()]  # noqa: E731

@@ -55,6 +55,18 @@ def test_summary_holds_the_stages_own_metrics(dry_run):
     assert run["summary"]["timed_steps"] == 1 and run["summary"]["median_s"] == round(run["steps"][1]["seconds"], 3)
 
 
+def test_a_summary_written_before_the_last_evaluation_says_what_is_pending(dry_run, tmp_path):
+    """cmd_run rewrites summary.json after each evaluation: one taken while runs remain is partial and names them."""
+    from bench import real_model
+
+    work, out, summary = dry_run
+    early = real_model.summarize(work, [("batch_scaled", 7)], tmp_path, "tiny-model", pending=[("lr5e-5", 1)])
+    assert early["status"] == "partial" and early["pending"] == ["lr5e-5-s1"] and common.check(early) == []
+    assert early["runs"][0]["trained"] == summary["runs"][0]["trained"]
+    assert json.loads((tmp_path / "summary.json").read_text())["pending"] == ["lr5e-5-s1"]
+    assert summary["status"] == "complete" and summary["pending"] == []
+
+
 def test_the_figure_draws_every_run(dry_run, tmp_path):
     work, out, summary = dry_run
     png = tmp_path / "curves.png"
