@@ -499,8 +499,10 @@ def table_lm_eval(results: Results, section: str) -> list[str]:
         p = d["project"]
         rows.append([link(r), gpu, "the project's grader", "strict / lenient", p["base"]["problems"],
                      f"{pct(p['base']['accuracy'])} / {pct(p['base']['accuracy_lenient'])}",
-                     f"{pct(p['trained']['accuracy'])} / {pct(p['trained']['accuracy_lenient'])}", d["stage_seconds"]])
+                     f"{pct(p['trained']['accuracy'])} / {pct(p['trained']['accuracy_lenient'])}",
+                     ", ".join(f"{stage} {seconds:g}" for stage, seconds in d["stage_seconds"].items())])
         lm = d.get("lm_eval") or {}
+        seconds = lm.get("seconds", {})
         for task, block in sorted(lm.get("trained", {}).items()):
             base = lm.get("base", {}).get(task, {}).get("filters", {})
             for name, value in sorted(block["filters"].items()):
@@ -508,11 +510,12 @@ def table_lm_eval(results: Results, section: str) -> list[str]:
                 rows.append([link(r), gpu, f"`{block['task']}` ({block['num_fewshot']}-shot"
                              + (", chat template)" if block.get("chat_template") else ")"), name, block["problems"],
                              f"{before['exact_match']:.3f} ± {before['stderr']:.3f}" if before else "n/a",
-                             f"{value['exact_match']:.3f} ± {value['stderr']:.3f}", lm.get("seconds", {}).get(
-                                 "trained", {}).get(task, "")])
+                             f"{value['exact_match']:.3f} ± {value['stderr']:.3f}",
+                             " / ".join(str(seconds.get(side, {}).get(task, "n/a")) for side in ("base", "trained"))])
     if not rows:
         return pending("lm-eval")
-    return table(["result", "GPU", "evaluation", "filter", "problems", "base", "trained", "seconds"], rows)
+    return table(["result", "GPU", "evaluation", "filter", "problems", "base", "trained",
+                  "seconds: whole stages; a task's generation, base / trained"], rows)
 
 
 def learning_runs(r: Result) -> list[dict]:
