@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Issue 26 on one H200: `bash bench/device.sh start /tmp/b26 bash bench/lr_sweep_gpu.sh /tmp/b26` (the environment,
 # in the background), then `bash bench/device.sh wait /tmp/b26` calls until DONE. Writes into $1 (default /tmp/b26).
+# RUNS (recipe:seed ..., default the sweep's second half, below) and STEPS (default 30) change what trains; lm-eval
+# runs when its wheels were carried (.whl/a, .whl/b), on the base and on the first run's adapter. The next session's
+# run: RUNS="defaults:3407 defaults:1" STEPS=60 (the defaults on both seeds at twice the steps, LEARNING.md).
 # Qwen2.5-Coder-0.5B-Instruct (the GGUF chunks in /tmp/acc) through the project's own stages on the real GSM8K,
 # at the defaults' batch (32 prompts x 8 completions, 512 tokens), the rest of the sweep that 2026-12-04 began
 # (bench/results/real_model/lr_sweep: lr 5e-6, 2e-5 and 5e-5 at clip 0.1 and 2e-5 at clip 1.0, seed 3407; lr 5e-5
@@ -29,18 +32,21 @@ step() { echo "[session $(date +%T)] $*"; }
 monitor=$!
 trap 'kill $monitor' EXIT  # the GPU log ends with the script
 step "real model built: $(ls /tmp/coder05 | tr '\n' ' ')"
+runs=(${RUNS:-defaults:1 lr1e-5:3407 lr5e-5-clip1:3407})
 python -m bench real-model run --model /tmp/coder05 --data /tmp/carry/data/gsm8k --work /tmp/sweep --out "$out/sweep" \
   --model-label "Qwen/Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, dequantized to bf16)" \
-  --runs defaults:1 lr1e-5:3407 lr5e-5-clip1:3407 --base-from bench/results/real_model/lr_sweep \
-  --set train.max_steps=30 train.per_device_train_batch_size=8 train.gradient_accumulation_steps=32 \
+  --runs "${runs[@]}" --base-from bench/results/real_model/lr_sweep \
+  --set train.max_steps="${STEPS:-30}" train.per_device_train_batch_size=8 train.gradient_accumulation_steps=32 \
     generation.vllm_gpu_memory_utilization=0.08 'lm_eval.tasks=[]' > "$out/run.log" 2>&1 &
 sweep=$!
 # Issue 30 (carry .whl/a and .whl/b: bench/lm_eval_wheels.sh): lm-eval's GSM8K through the evaluate stages, beside
 # the project's grader. The base's while the trainings run: its engines start once the last training's has settled
 # (its first step) and it ends minutes before the first evaluation starts; its times are measured beside three
 # trainings. The defaults' seed-1 adapter's after the sweep, alone on the GPU.
+last_run=${runs[-1]}
+first_run=${runs[0]}
 if [ -d /tmp/lmsite/lm_eval ]; then
-  last="$out/sweep/lr5e-5-clip1-s3407.log"
+  last="$out/sweep/${last_run%:*}-s${last_run#*:}.log"
   until grep -q "^step [0-9]*/" "$last" 2> /dev/null || ! kill -0 $sweep 2> /dev/null; do sleep 5; done
   step "lm-eval on the base"
   python -m bench lm-eval --only base --out "$out/lm_eval" --set generation.vllm_gpu_memory_utilization=0.15 \
@@ -51,9 +57,10 @@ wait $sweep
 step "real_model run: rc $?"
 python -m bench real-model plot --summary "$out/sweep/summary.json" --png "$out/sweep/curves.png" >> "$out/run.log" 2>&1
 touch "$out/SWEEP_DONE"
-if [ -d /tmp/lmsite/lm_eval ] && [ -f /tmp/sweep/defaults-s1/models/adapter/adapter_config.json ]; then
+adapter=/tmp/sweep/${first_run%:*}-s${first_run#*:}/models/adapter
+if [ -d /tmp/lmsite/lm_eval ] && [ -f "$adapter/adapter_config.json" ]; then
   step "lm-eval on the trained model"
-  python -m bench lm-eval --only trained --adapter /tmp/sweep/defaults-s1/models/adapter --out "$out/lm_eval" \
+  python -m bench lm-eval --only trained --adapter "$adapter" --out "$out/lm_eval" \
     --set generation.vllm_gpu_memory_utilization=0.3 > "$out/lm_eval_trained.log" 2>&1
   step "lm-eval on the trained model: rc $?"
 fi
