@@ -65,10 +65,10 @@ def load_lm(p: Params, adapter: str | None):
                 dtype=p.model.dtype if cuda else "float32", batch_size=p.eval.batch_size)
 
 
-def evaluate(p: Params, adapter: str | None, data_dir: str | Path = RAW_DIR) -> tuple[dict, dict]:
-    """(results, seconds) of params' lm_eval.tasks for one model. results: {label: {task, shots, filters,
-    ...}}, the label naming task, shots and chat template (e.g. gsm8k_5shot_chat); seconds: the model's
-    load and each task's wall time."""
+def evaluate(p: Params, adapter: str | None, data_dir: str | Path = RAW_DIR) -> tuple[dict, dict, list[dict]]:
+    """(results, seconds, samples) of params' lm_eval.tasks for one model. results: {label: {task, shots,
+    filters, ...}}, the label naming task, shots and chat template (e.g. gsm8k_5shot_chat); seconds: the
+    model's load and each task's wall time; samples: one row per task and problem (samples())."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -80,14 +80,29 @@ def evaluate(p: Params, adapter: str | None, data_dir: str | Path = RAW_DIR) -> 
         start = time.perf_counter()
         lm = load_lm(p, adapter)
         seconds["load"] = round(time.perf_counter() - start, 1)
-        results = {}
+        results, rows = {}, []
         for task in p.lm_eval.tasks:
             start = time.perf_counter()
             out = simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=p.lm_eval.max_problems,
-                                  gen_kwargs=_gen_kwargs(p), log_samples=False, **CHAT)
+                                  gen_kwargs=_gen_kwargs(p), log_samples=True, **CHAT)
             label, results[label] = summarize(out, task)
+            rows += samples(out["samples"][task], label)
             seconds[label] = round(time.perf_counter() - start, 1)
-    return results, seconds
+    return results, seconds, rows
+
+
+def samples(logged: list[dict], label: str) -> list[dict]:
+    """lm-eval's logged samples (one per problem and filter) as one row per problem: the question, the gold
+    answer, the model's response, and each filter's extracted answer and verdict, so a strict-match far below
+    flexible-extract can be read off the completions."""
+    rows = {}
+    for sample in logged:
+        row = rows.setdefault(sample["doc_id"], {
+            "label": label, "doc_id": sample["doc_id"], "question": sample["doc"]["question"],
+            "target": sample["target"], "response": sample["resps"][0][0], "extracted": {}, "exact_match": {}})
+        row["extracted"][sample["filter"]] = sample["filtered_resps"][0]
+        row["exact_match"][sample["filter"]] = sample["exact_match"]
+    return [rows[doc_id] for doc_id in sorted(rows)]
 
 
 def summarize(out: dict, task: str) -> tuple[str, dict]:
@@ -107,9 +122,14 @@ def summarize(out: dict, task: str) -> tuple[str, dict]:
     return f"{task}_{shots}shot_chat", block
 
 
-def run(p: Params, adapter: str | None, side: str) -> dict:
-    """The `lm_eval` block of one evaluate stage: what ran, the side's results and how long it took."""
-    results, seconds = evaluate(p, adapter)
+def run(p: Params, adapter: str | None, side: str, samples_file: str | Path | None = None) -> dict:
+    """The `lm_eval` block of one evaluate stage: what ran, the side's results and how long it took; each
+    problem's response and verdicts go to ``samples_file`` (JSONL), if given."""
+    from .outputs import write_jsonl
+
+    results, seconds, rows = evaluate(p, adapter)
+    if samples_file:
+        write_jsonl(samples_file, rows)
     print(f"lm-eval ({side}): {seconds} s")
     return {"version": _version(), "backend": "vllm" if p.generation.use_vllm else "transformers",
             "capped_at": p.lm_eval.max_problems, "max_new_tokens": p.lm_eval.max_new_tokens,

@@ -271,3 +271,6 @@ def test_dvc_exp_run_sets_a_float_in_e_notation_and_train_reads_a_float(tmp_path
     assert run["params"]["train"]["learning_rate"] == 1e-5 and run["params"]["train"]["max_steps"] == 50
     assert run["effective_grpo_config"]["learning_rate"] == 1e-5
     assert json.loads((ws / "checkpoints/FINISHED.json").read_text())["step"] == 50
+    # lm_eval.tasks: [] runs no lm-eval; its samples file, a DVC out, is there and empty
+    assert "lm_eval" not in json.loads((ws / "reports/eval/metrics.json").read_text())
+    assert (ws / "reports/eval/lm_eval_samples.jsonl").read_text() == ""

@@ -6,6 +6,7 @@ the adapter goes in, and that nothing reaches the network; the numbers themselve
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -58,8 +59,8 @@ def test_lm_eval_scores_base_and_adapter_offline_with_labels_and_stderr(tiny_mod
         (tmp_path / harness.RAW_DIR / f"{split}.jsonl").write_text((FIXTURES / f"{split}.jsonl").read_text())
     adapter = tiny_adapter(tiny_model, tmp_path / "adapter", p.lora.r)
 
-    base = harness.run(p, None, "base")
-    both = harness.side_by_side(base, harness.run(p, str(adapter), "trained"))
+    base = harness.run(p, None, "base", tmp_path / "base_samples.jsonl")
+    both = harness.side_by_side(base, harness.run(p, str(adapter), "trained", tmp_path / "trained_samples.jsonl"))
 
     assert no_network == []
     assert both["version"] == harness._version() and both["backend"] == "transformers"
@@ -81,6 +82,20 @@ def test_lm_eval_scores_base_and_adapter_offline_with_labels_and_stderr(tiny_mod
         assert both["delta"][label]["strict-match"] == pytest.approx(
             both["trained"][label]["filters"]["strict-match"]["exact_match"]
             - both["base"][label]["filters"]["strict-match"]["exact_match"])
+
+    # each problem's response and verdicts, one row per task and problem: the scores are their means
+    questions = [json.loads(line)["question"] for line in (FIXTURES / "test.jsonl").open()][:2]
+    for side in ("base", "trained"):
+        rows = [json.loads(line) for line in (tmp_path / f"{side}_samples.jsonl").open()]
+        assert [(r["label"], r["doc_id"]) for r in rows] == [(label, i) for label in LABELS for i in (0, 1)]
+        for label in LABELS:
+            mine = [r for r in rows if r["label"] == label]
+            assert [r["question"] for r in mine] == questions and all(r["response"] for r in mine)
+            for name, score in both[side][label]["filters"].items():
+                assert sum(r["exact_match"][name] for r in mine) / len(mine) == pytest.approx(score["exact_match"])
+                assert all(isinstance(r["extracted"][name], str) for r in mine)
+    assert {r["response"] for r in rows} != {json.loads(line)["response"]
+                                             for line in (tmp_path / "base_samples.jsonl").open()}
 
 
 def test_every_task_params_allow_is_an_lm_eval_gsm8k_task_on_openai_gsm8k(tmp_path):

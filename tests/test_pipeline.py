@@ -95,6 +95,10 @@ def test_evaluate_scores_base_and_trained_side_by_side(ws):
         assert set(lm_eval[side]) == set(lm_eval["delta"]) == {"gsm8k_5shot_chat", "gsm8k_cot_zeroshot_0shot_chat"}
         for block in lm_eval[side].values():
             assert block["problems"] == 2 and set(block["filters"]) == {"strict-match", "flexible-extract"}
+    for folder in ("eval_base", "eval"):  # lm-eval's response and verdicts per task and problem, beside its scores
+        samples = [json.loads(line) for line in (ws / f"reports/{folder}/lm_eval_samples.jsonl").open()]
+        assert sorted((r["label"], r["doc_id"]) for r in samples) == sorted(
+            (label, i) for label in lm_eval["delta"] for i in (0, 1))
     for m in (base, metrics["trained"]):
         assert m["problems"] == 8 and m["capped_at"] == 8 and m["max_new_tokens"] == 24
         assert 0 <= m["accuracy"] <= 1 and 0 <= m["accuracy_lenient"] <= 1 and 0 <= m["format_adherence"] <= 1
