@@ -9,9 +9,9 @@
 #                                               own, from the repository root: its output in DIR/session.log, its exit
 #                                               status in DIR/DONE once it ends
 #   bash bench/device.sh wait DIR [S] [PATH...] waits up to S seconds (default 540) for DIR/DONE, packing DIR and
-#                                               the PATHs into $OUT/res.tgz every minute and at the end (the device tool
-#                                               returns at most 8 files, 2 folders down), then prints DIR/session.log, each log's progress lines
-#                                               and the GPU's memory
+#                                               the PATHs into $OUT/res.tgz every minute and at the end (the device
+#                                               tool returns at most 8 files, 2 folders down), then prints
+#                                               DIR/session.log, each log's progress lines and the GPU's memory
 #
 # Work longer than one device command (10 minutes): one call `start`s it and `wait`s; then send the next `wait` call
 # as soon as one returns, until it prints DONE: the machine goes back 30 s after a call ends, and what was not packed

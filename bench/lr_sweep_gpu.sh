@@ -42,11 +42,10 @@ sweep=$!
 # Issue 30 (carry .whl/a and .whl/b: bench/lm_eval_wheels.sh): lm-eval's GSM8K through the evaluate stages, beside
 # the project's grader. The base's while the trainings run: its engines start once the last training's has settled
 # (its first step) and it ends minutes before the first evaluation starts; its times are measured beside three
-# trainings. The defaults' seed-1 adapter's after the sweep, alone on the GPU.
-last_run=${runs[-1]}
-first_run=${runs[0]}
+# trainings. The first run's adapter's after the sweep, alone on the GPU.
+run_name() { echo "${1%:*}-s${1#*:}"; }  # recipe:seed -> real_model.py's recipe-sSEED
 if [ -d /tmp/lmsite/lm_eval ]; then
-  last="$out/sweep/${last_run%:*}-s${last_run#*:}.log"
+  last="$out/sweep/$(run_name "${runs[-1]}").log"
   until grep -q "^step [0-9]*/" "$last" 2> /dev/null || ! kill -0 $sweep 2> /dev/null; do sleep 5; done
   step "lm-eval on the base"
   python -m bench lm-eval --only base --out "$out/lm_eval" --set generation.vllm_gpu_memory_utilization=0.15 \
@@ -57,7 +56,7 @@ wait $sweep
 step "real_model run: rc $?"
 python -m bench real-model plot --summary "$out/sweep/summary.json" --png "$out/sweep/curves.png" >> "$out/run.log" 2>&1
 touch "$out/SWEEP_DONE"
-adapter=/tmp/sweep/${first_run%:*}-s${first_run#*:}/models/adapter
+adapter=/tmp/sweep/$(run_name "${runs[0]}")/models/adapter
 if [ -d /tmp/lmsite/lm_eval ] && [ -f "$adapter/adapter_config.json" ]; then
   step "lm-eval on the trained model"
   python -m bench lm-eval --only trained --adapter "$adapter" --out "$out/lm_eval" \

@@ -122,18 +122,14 @@ def summarize(out: dict, task: str) -> tuple[str, dict]:
     return f"{task}_{shots}shot_chat", block
 
 
-def run(p: Params, adapter: str | None, side: str, samples_file: str | Path | None = None) -> dict:
-    """The `lm_eval` block of one evaluate stage: what ran, the side's results and how long it took; each
-    problem's response and verdicts go to ``samples_file`` (JSONL), if given."""
-    from .outputs import write_jsonl
-
+def run(p: Params, adapter: str | None, side: str) -> tuple[dict, list[dict]]:
+    """(block, samples) of one evaluate stage: the `lm_eval` block (what ran, the side's results and how long
+    it took) and each problem's response and verdicts (samples())."""
     results, seconds, rows = evaluate(p, adapter)
-    if samples_file:
-        write_jsonl(samples_file, rows)
     print(f"lm-eval ({side}): {seconds} s")
     return {"version": _version(), "backend": "vllm" if p.generation.use_vllm else "transformers",
             "capped_at": p.lm_eval.max_problems, "max_new_tokens": p.lm_eval.max_new_tokens,
-            side: results, "seconds": {side: seconds}}
+            side: results, "seconds": {side: seconds}}, rows
 
 
 def side_by_side(base: dict, trained: dict) -> dict:

@@ -43,12 +43,8 @@ def main() -> None:
     adapter = None if base else ADAPTER
     rows, metrics = evaluate(p, adapter)
     write_jsonl(out / "predictions.jsonl", rows)
-    samples = out / "lm_eval_samples.jsonl"  # a DVC out: empty when lm_eval.tasks is []
-    if p.lm_eval.tasks:
-        lm_eval = harness.run(p, adapter, "base" if base else "trained", samples)
-    else:
-        lm_eval = {}
-        write_jsonl(samples, [])
+    lm_eval, samples = harness.run(p, adapter, "base" if base else "trained") if p.lm_eval.tasks else ({}, [])
+    write_jsonl(out / "lm_eval_samples.jsonl", samples)  # a DVC out: empty when lm_eval.tasks is []
     if not base:
         before = read_json("reports/eval_base/metrics.json")
         lm_eval = harness.side_by_side(before.pop("lm_eval", {}), lm_eval)

@@ -59,8 +59,9 @@ def test_lm_eval_scores_base_and_adapter_offline_with_labels_and_stderr(tiny_mod
         (tmp_path / harness.RAW_DIR / f"{split}.jsonl").write_text((FIXTURES / f"{split}.jsonl").read_text())
     adapter = tiny_adapter(tiny_model, tmp_path / "adapter", p.lora.r)
 
-    base = harness.run(p, None, "base", tmp_path / "base_samples.jsonl")
-    both = harness.side_by_side(base, harness.run(p, str(adapter), "trained", tmp_path / "trained_samples.jsonl"))
+    base, base_rows = harness.run(p, None, "base")
+    trained, trained_rows = harness.run(p, str(adapter), "trained")
+    both = harness.side_by_side(base, trained)
 
     assert no_network == []
     assert both["version"] == harness._version() and both["backend"] == "transformers"
@@ -85,8 +86,7 @@ def test_lm_eval_scores_base_and_adapter_offline_with_labels_and_stderr(tiny_mod
 
     # each problem's response and verdicts, one row per task and problem: the scores are their means
     questions = [json.loads(line)["question"] for line in (FIXTURES / "test.jsonl").open()][:2]
-    for side in ("base", "trained"):
-        rows = [json.loads(line) for line in (tmp_path / f"{side}_samples.jsonl").open()]
+    for side, rows in (("base", base_rows), ("trained", trained_rows)):
         assert [(r["label"], r["doc_id"]) for r in rows] == [(label, i) for label in LABELS for i in (0, 1)]
         for label in LABELS:
             mine = [r for r in rows if r["label"] == label]
@@ -94,8 +94,7 @@ def test_lm_eval_scores_base_and_adapter_offline_with_labels_and_stderr(tiny_mod
             for name, score in both[side][label]["filters"].items():
                 assert sum(r["exact_match"][name] for r in mine) / len(mine) == pytest.approx(score["exact_match"])
                 assert all(isinstance(r["extracted"][name], str) for r in mine)
-    assert {r["response"] for r in rows} != {json.loads(line)["response"]
-                                             for line in (tmp_path / "base_samples.jsonl").open()}
+    assert {r["response"] for r in trained_rows} != {r["response"] for r in base_rows}
 
 
 def test_every_task_params_allow_is_an_lm_eval_gsm8k_task_on_openai_gsm8k(tmp_path):
