@@ -1,25 +1,24 @@
 #!/usr/bin/env bash
 # Issue 26 on one H200: `bash bench/device.sh start /tmp/b26 bash bench/lr_sweep_gpu.sh /tmp/b26` (the environment,
 # in the background), then `bash bench/device.sh wait /tmp/b26` calls until DONE. Writes into $1 (default /tmp/b26).
-# RUNS (recipe:seed ..., default the sweep's second half, below) and STEPS (default 30) change what trains; lm-eval
-# runs when its wheels were carried (.whl/a, .whl/b), on the base and on the first run's adapter. The next session's
-# run: RUNS="defaults:3407 defaults:1" STEPS=60 (the defaults on both seeds at twice the steps, LEARNING.md).
-# Qwen2.5-Coder-0.5B-Instruct (the GGUF chunks in /tmp/acc) through the project's own stages on the real GSM8K,
-# at the defaults' batch (32 prompts x 8 completions, 512 tokens), the rest of the sweep that 2026-12-04 began
-# (bench/results/real_model/lr_sweep: lr 5e-6, 2e-5 and 5e-5 at clip 0.1 and 2e-5 at clip 1.0, seed 3407; lr 5e-5
-# won and became the default): params.yaml's defaults on seed 1, lr 1e-5 (clip 0.1) and lr 5e-5 at clip 1.0,
-# seed 3407, side by side. What the shared GPU and the device budget force, and nothing else: 30 steps (the cosine
-# schedule keeps its shape), micro-batches of 8 x 32 accumulation steps (the same 256 completions a step, one loss
-# normalised over the whole batch), a vLLM share of 0.08 each, and lm_eval.tasks: [] (lm-eval's tasks are an
-# evaluation beside the project's, measured on their own by `python -m bench lm-eval`; they change nothing trained).
-# Evaluation: all 1,319 test problems, greedy; the base's is the first half's (--base-from: the same model, eval
-# params and engine; evaluate_base would measure it again in about 1.5 minutes). nvidia-smi's memory and utilisation every 30 s go to $1/gpu.csv.
-# Seen on 2026-12-04 (six runs, 20 s staggers): GGUF to bf16 71 s, prepares + base evaluation 3.5 min, four runs
-# at 25-33 s a step (13.5-14.1 min of training), 76 s per evaluation engine start; two runs lost their vLLM start
-# to the others' memory, which real_model.py now prevents by starting one engine at a time. Budget: about 25
-# minutes from the first call; send each polling call (`bash bench/device.sh wait /tmp/b26`) at once: the machine
-# goes back 30 s after a call ends. Each `wait` packs $1 as it is (SWEEP_DONE: the sweep's part is complete). Keep the result: copy $1/sweep (summary.json, predictions, logs, curves.png) to
-# bench/results/real_model/<name>/, describe it in bench/results/runs.yaml, then `python -m bench report`.
+# Qwen2.5-Coder-0.5B-Instruct (the GGUF chunks in /tmp/acc) through the project's own stages on the real GSM8K.
+# RUNS (recipe:seed ..., bench/real_model.py's recipes) and STEPS choose what trains, side by side. The default is
+# issue 26's claim: params.yaml as shipped on two seeds, "defaults:1 defaults:3407" (evaluated in that order), 60 steps. The sweep that chose
+# those defaults (bench/results/real_model/lr_sweep, lr_sweep2) ran RUNS="lr5e-6:3407 lr2e-5:3407 ..." STEPS=30 and,
+# six runs on one GPU, micro-batches of 8 x 32 accumulation steps (MICRO=8: the same 256 completions a step, one
+# loss normalised over the whole batch). What the shared GPU and the device budget force, and nothing else:
+# train.max_steps (the cosine schedule keeps its shape), a vLLM share of 0.08 each, and lm_eval.tasks: [] (lm-eval's
+# tasks are an evaluation beside the project's, measured on their own by `python -m bench lm-eval`; they change
+# nothing trained). lm-eval runs when its wheels were carried (.whl/a, .whl/b), on the base and the first run.
+# Evaluation: all 1,319 test problems, greedy; the base's is the sweep's (--base-from: the same model, eval
+# params and engine; evaluate_base would measure it again in about 1.5 minutes). nvidia-smi's memory and
+# utilisation every 30 s go to $1/gpu.csv.
+# Seen on 2026-12-04: GGUF to bf16 57-71 s; three runs side by side at micro-batches of 8 took 18.5-19.8 s a step
+# (30 steps: 10 minutes of training), 76 s per evaluation engine start. Send each polling call
+# (`bash bench/device.sh wait /tmp/b26`) at once: the machine goes back 30 s after a call ends. Each `wait` packs
+# $1 as it is (SWEEP_DONE: the runs are evaluated). Keep the result: copy $1/sweep (summary.json, predictions,
+# logs, curves.png) to bench/results/real_model/<name>/, describe it in bench/results/runs.yaml, then
+# `python -m bench report`.
 set -u
 out=$(mkdir -p "${1:-/tmp/b26}" && cd "${1:-/tmp/b26}" && pwd)
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -32,11 +31,13 @@ step() { echo "[session $(date +%T)] $*"; }
 monitor=$!
 trap 'kill $monitor' EXIT  # the GPU log ends with the script
 step "real model built: $(ls /tmp/coder05 | tr '\n' ' ')"
-runs=(${RUNS:-defaults:1 lr1e-5:3407 lr5e-5-clip1:3407})
+runs=(${RUNS:-defaults:1 defaults:3407})
+micro=${MICRO:-32}  # completions per micro-batch; 256 a step either way
 python -m bench real-model run --model /tmp/coder05 --data /tmp/carry/data/gsm8k --work /tmp/sweep --out "$out/sweep" \
   --model-label "Qwen/Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, dequantized to bf16)" \
   --runs "${runs[@]}" --base-from bench/results/real_model/lr_sweep \
-  --set train.max_steps="${STEPS:-30}" train.per_device_train_batch_size=8 train.gradient_accumulation_steps=32 \
+  --set train.max_steps="${STEPS:-60}" train.per_device_train_batch_size="$micro" \
+    train.gradient_accumulation_steps=$((256 / micro)) \
     generation.vllm_gpu_memory_utilization=0.08 'lm_eval.tasks=[]' > "$out/run.log" 2>&1 &
 sweep=$!
 # Issue 30 (carry .whl/a and .whl/b: bench/lm_eval_wheels.sh): lm-eval's GSM8K through the evaluate stages, beside

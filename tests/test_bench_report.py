@@ -44,7 +44,7 @@ def test_the_check_flag_exits_nonzero_when_a_file_is_stale(monkeypatch):
 def _results_copy(tmp_path: Path, figures: bool = True) -> Path:
     """A results tree of a few of the committed folders and their runs.yaml entries (and the README's figures that
     they back)."""
-    keep = ("train_speed/unsloth_vs_transformers_h200", "eval_speed/vllm_h100")
+    keep = ("train_speed/levers_h200", "eval_speed/vllm_h100")
     manifest = json.loads(json.dumps(report.Results().manifest, default=str))
     root = tmp_path / "results"
     for run in keep:
@@ -64,11 +64,12 @@ def test_the_index_flags_a_figure_the_readme_no_longer_quotes_and_an_undescribed
     template.write_text("# B\n\n{{train-speed}}\n")
     assert report.render(root, template, docs)[2] == []
 
-    (docs / "README.md").write_text((ROOT / "README.md").read_text().replace("25.8 s on one H200", "25 s on an H200"))
+    quote = json.loads((root / "runs.yaml").read_text())["figures"]["README.md"][0]["quote"]  # the speed headline
+    (docs / "README.md").write_text((ROOT / "README.md").read_text().replace(quote[:12], "a few seconds"))
     (root / "eval_speed/new_run").mkdir()
     (root / "eval_speed/new_run/eval.json").write_text(json.dumps({"kind": "eval"}))  # neither schema nor described
     _, index_md, problems = report.render(root, template, docs)
-    assert any("README.md no longer contains '25.8 s on one H200" in p for p in problems), problems
+    assert any(f"README.md no longer contains '{quote[:12]}" in p for p in problems), problems
     assert "eval_speed/new_run/: not described in bench/results/runs.yaml (and no result in the schema)" in problems
     assert "**NOT FOUND**" in index_md and "## Problems" in index_md
 
