@@ -17,6 +17,9 @@
 # as soon as one returns, until it prints DONE: the machine goes back 30 s after a call ends, and what was not packed
 # goes with it. The chunks come from shared/device/make-vllm-site.sh, make-site.sh and real-model.sh (one device call
 # each; make-vllm-site.sh writes the archive's sha256 beside its chunks, carried with the first one).
+# Start the machine with ONE call first (the first chunk, say) and send the rest only once it has answered: when no
+# machine comes, every later call of the same message is refused for 15 s of device time each, and the kind is not
+# tried again for about 10 minutes (2026-12-06: 14 of 30 device minutes lost that way, two messages of 15 calls).
 GGUF_SHA=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
 
 bench_device_env() {
