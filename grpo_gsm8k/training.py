@@ -155,6 +155,16 @@ def _resumable(trainer_cls):
     return ResumableGRPOTrainer
 
 
+def logprob_source(trainer) -> str:
+    """Where this trainer takes the policy's log-probs for vLLM's importance-sampling ratio from, as it computes
+    them (train.reuse_training_logprobs is a request: Unsloth, no vLLM or a moving policy leave TRL's path)."""
+    if not (getattr(trainer, "use_vllm", False) and getattr(trainer, "vllm_importance_sampling_correction", False)):
+        return "none: no vLLM importance-sampling correction"
+    if getattr(trainer, "_reuses_training_logprobs", lambda: False)():
+        return "the training forward (train.reuse_training_logprobs)"
+    return "TRL's scoring forward"
+
+
 def _reusing_training_logprobs(trainer_cls):
     """``trainer_cls`` (TRL's GRPOTrainer) without its second forward pass over each generation batch.
 

@@ -87,6 +87,7 @@ def train(p: config.Params, fresh: bool = False) -> dict:
                 "params": config.as_dict(p),
                 "effective_grpo_config": trainer.args.to_dict(),  # after TRL's and Unsloth's own overrides
                 "effective_lora_config": trainer.model.peft_config["default"].to_dict(),
+                "importance_sampling_logprobs": training.logprob_source(trainer),
                 "versions": modeling.package_versions(),
             }
             write_json(tmp / "training_run.json", run)

@@ -73,6 +73,7 @@ def test_train_saves_adapter_effective_config_and_curves(ws):
     assert run["effective_grpo_config"]["num_generations"] == 4
     assert run["effective_grpo_config"]["logging_nan_inf_filter"] is False
     assert run["effective_grpo_config"]["optim"] == "adamw_torch"  # the CPU fallback is what is recorded
+    assert run["importance_sampling_logprobs"] == "none: no vLLM importance-sampling correction"  # CPU: HF generate
     assert {"torch", "transformers", "trl", "peft"} <= set(run["versions"])
     metrics = json.loads((ws / "reports/train/metrics.json").read_text())
     assert metrics["step"] == 4 and set(metrics["rewards"]) == {"correctness", "format", "single_number", "tag_count"}

@@ -118,6 +118,7 @@ def one_step(tiny_model, tiny_params, tmp_path, reuse: bool, noise: float = 0.15
     wrap("compute_loss", lambda args, out: record.losses.append(out.item()))
     wrap("_generate_and_score_completions", lambda args, out: record.batch_keys.append(set(out)))
     trainer.train()
+    record.source = training.logprob_source(trainer)
     record.logs = next(row for row in trainer.state.log_history if "loss" in row)
     record.args = trainer.args
     return record
@@ -135,6 +136,8 @@ def test_training_logprobs_train_what_trl_trains_without_the_second_forward(tiny
     # TRL: one no-grad forward over all 16 completions, then one per micro-batch with grad; reused: the latter
     assert trl_path.forwards == [(False, 16), (True, 8), (True, 8)]
     assert reused.forwards == [(True, 8), (True, 8)]
+    assert (trl_path.source, reused.source) == ("TRL's scoring forward",
+                                                "the training forward (train.reuse_training_logprobs)")
     assert {"old_per_token_logps", "importance_sampling_ratio"} <= trl_path.batch_keys[0]
     assert not {"old_per_token_logps", "importance_sampling_ratio"} & reused.batch_keys[0]
 
@@ -161,5 +164,6 @@ def test_trl_computes_the_old_logprobs_where_the_policy_moves_between_generation
     """Reusing the training forward would take a moved policy's log-probs for the sampling policy's: TRL's path."""
     reused = one_step(tiny_model, tiny_params, tmp_path, reuse=True, **overrides)
     assert not reused.forwards[0][0]  # TRL's scoring forward, no grad, over the whole generation batch
+    assert reused.source == "TRL's scoring forward"  # what training_run.json records, not the request
     assert {"old_per_token_logps", "importance_sampling_ratio"} <= reused.batch_keys[0]
     assert all(key in reused.logs for key in SAMPLING_METRICS)
