@@ -15,6 +15,8 @@
 # Carry .carry/site.tgz and .carry/data; vLLM's chunks in /tmp/vacc from earlier calls of the same message
 # (shared/device/make-vllm-site.sh prints them). A warm machine keeps /tmp (vLLM, the stand-in): building the
 # stand-in in a call before this one, e.g. `bash bench/speed_levers.sh prepare`, leaves this one ~70 s more.
+# Seen 2026-12-06 on an H200 (bench/results/train_speed/levers_h200): prepare 24 s, main 388 s, the sleep pair 209 s
+# (the engine's build included in each).
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 mode=${1:-main}
