@@ -3,8 +3,9 @@
 # in the background), then `bash bench/device.sh wait /tmp/b26` calls until DONE. Writes into $1 (default /tmp/b26).
 # Qwen2.5-Coder-0.5B-Instruct (the GGUF chunks in /tmp/acc) through the project's own stages on the real GSM8K.
 # RUNS (recipe:seed ..., bench/real_model.py's recipes) and STEPS choose what trains, side by side. The default is
-# issue 26's claim: params.yaml as shipped on two seeds, "defaults:1 defaults:3407" (evaluated in that order), 60 steps. The sweep that chose
-# those defaults (bench/results/real_model/lr_sweep, lr_sweep2) ran RUNS="lr5e-6:3407 lr2e-5:3407 ..." STEPS=30 and,
+# issue 26's claim: params.yaml as shipped on two seeds, "defaults:1 defaults:3407" (evaluated in that order), 60
+# steps. The sweep that chose those defaults (bench/results/real_model/lr_sweep, lr_sweep2) ran RUNS="lr5e-6:3407
+# lr2e-5:3407 ..." STEPS=30 and,
 # six runs on one GPU, micro-batches of 8 x 32 accumulation steps (MICRO=8: the same 256 completions a step, one
 # loss normalised over the whole batch). What the shared GPU and the device budget force, and nothing else:
 # train.max_steps (the cosine schedule keeps its shape), a vLLM share of 0.08 each, and lm_eval.tasks: [] (lm-eval's
