@@ -157,20 +157,36 @@ def cmd_run(a) -> None:
         # trainings started in order end in order: each is evaluated once it ends, while the later ones train;
         # summary.json is rewritten after each (status partial, the rest under "pending"), so a machine lost
         # before the last evaluation still leaves the finished runs' results wherever <out> was copied
-        done = []
+        done, retry = [], []
         for i, (key, job) in enumerate(jobs.items()):
             if job.exception():
                 failed[key] = str(job.exception())
                 continue
+            beside = any(not jobs[later].done() for later in runs[i + 1:])
             try:
                 run_stage(spaces[key], "evaluate", logs[key])
                 done.append(key)
-                summarize(work, done, out, a.model_label or str(model), first, a, failed, pending=runs[i + 1:])
+            except RuntimeError as err:
+                if not beside:
+                    failed[key] = str(err)
+                    continue
+                # a training beside it may have freed memory while this engine profiled (2026-12-07: "Error in
+                # memory profiling" as seed 3407's training ended): once more when every training has ended
+                log(f"{key[0]} seed {key[1]}: its evaluation failed beside other trainings; again after them")
+                retry.append(key)
+            if done:
+                summarize(work, done, out, a.model_label or str(model), first, a, failed,
+                          pending=retry + runs[i + 1:])
+        for key in retry:
+            try:
+                run_stage(spaces[key], "evaluate", logs[key])
+                done.append(key)
             except RuntimeError as err:
                 failed[key] = str(err)
     for key, why in failed.items():
         log(f"FAILED {key[0]} seed {key[1]}: {why}")
-    if failed and done:  # the last word: which runs failed, none pending
+    done.sort(key=runs.index)
+    if done and (failed or retry):  # the last word: which runs failed, none pending
         summarize(work, done, out, a.model_label or str(model), first, a, failed)
     if failed:
         sys.exit(f"{len(failed)} of {len(runs)} runs failed; summary.json holds the others")
@@ -232,7 +248,8 @@ def summarize(work: Path, runs: list[tuple[str, int]], out: Path, model_label: s
     a = a or argparse.Namespace(argv=[])
     params = {k: v for k, v in vars(a).items() if k != "argv"}
     summary = {**common.result(SCENARIO, a.argv, params, results, "partial" if failed or pending else "complete"),
-               "model": model_label, "versions": run_info["versions"], "failed": failed or {},
+               "model": model_label, "versions": run_info["versions"],
+               "failed": {f"{recipe}-s{seed}": why for (recipe, seed), why in (failed or {}).items()},
                "pending": [f"{recipe}-s{seed}" for recipe, seed in pending or []]}
     hf = work / "hf-base"
     if (hf / "reports/eval_base/metrics.json").is_file():  # vLLM's greedy evaluation against HF's, problem by problem

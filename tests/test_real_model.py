@@ -112,3 +112,50 @@ def test_an_earlier_base_evaluation_is_reused_only_for_the_same_eval(dry_run, tm
                            "--out", str(tmp_path / "o2")], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode != 0 and "its base evaluation was" in proc.stderr and "'max_new_tokens': 7" in proc.stderr
     assert "===== prepare" not in (tmp_path / "o2/defaults-s7.log").read_text()
+
+
+@pytest.mark.parametrize("failures", [1, 2])
+def test_an_evaluation_that_fails_beside_a_training_is_run_again_after_it(dry_run, tmp_path, monkeypatch, capsys,
+                                                                         failures):
+    """2026-12-07, H100: seed 1's evaluation engine failed its memory profiling as seed 3407's training, beside it,
+    freed memory. Here the first run's evaluation fails `failures` times while the second still trains (the second
+    holds its training until then): once, and it is evaluated again after the trainings and the summary is complete;
+    twice, and summary.json still holds the other run and names the failed one."""
+    import threading
+
+    from bench import real_model
+
+    work, out, _ = dry_run
+    attempts, tried = [], threading.Event()
+
+    def run_stage(ws, stage, logfile, *rest):
+        if stage == "train" and ws.name == "defaults-s8":
+            assert tried.wait(600)  # still training when the first run's evaluation starts
+        if stage == "evaluate" and ws.name == "defaults-s7":
+            attempts.append(ws)
+            if len(attempts) <= failures:
+                tried.set()
+                raise common.StageFailed("defaults-s7: stage evaluate failed (exit 1): Error in memory profiling", 1, 0.0)
+        return common.run_stage(ws, stage, logfile, *rest)
+
+    monkeypatch.setattr(real_model, "run_stage", run_stage)
+    argv = ["run", "--tiny", "--model", str(work.parent / "tiny-model"), "--runs", "defaults:7", "defaults:8",
+            "--base-from", str(out), "--set", "train.max_steps=1", "--work", str(tmp_path / "w"),
+            "--out", str(tmp_path / "o")]
+    if failures == 1:
+        real_model.main(argv)
+    else:
+        with pytest.raises(SystemExit, match="1 of 2 runs failed"):
+            real_model.main(argv)
+    assert "defaults seed 7: its evaluation failed beside other trainings; again after them" in capsys.readouterr().out
+    assert len(attempts) == 2
+    summary = json.loads((tmp_path / "o/summary.json").read_text())
+    assert common.check(summary) == [] and summary["pending"] == []
+    if failures == 1:
+        assert summary["status"] == "complete" and summary["failed"] == {}
+        assert [r["name"] for r in summary["runs"]] == ["defaults-s7", "defaults-s8"]
+        assert (tmp_path / "o/defaults-s7-eval.jsonl.gz").is_file()
+    else:
+        assert summary["status"] == "partial" and list(summary["failed"]) == ["defaults-s7"]
+        assert "Error in memory profiling" in summary["failed"]["defaults-s7"]
+        assert [r["name"] for r in summary["runs"]] == ["defaults-s8"]
