@@ -236,6 +236,7 @@ def summarize(work: Path, runs: list[tuple[str, int]], out: Path, model_label: s
                             "learning_rate", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
                             "num_generations", "reward_weights", "scale_rewards", "loss_type", "beta", "use_vllm",
                             "vllm_mode", "temperature", "max_completion_length")},
+                        "importance_sampling_logprobs": run_info.get("importance_sampling_logprobs"),
                         "train_minutes": round(train_metrics["train_runtime"] / 60, 2),
                         "base": metrics["base"], "trained": metrics["trained"], "delta": metrics["delta"],
                         "lm_eval": metrics.get("lm_eval"),

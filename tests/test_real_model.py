@@ -44,6 +44,8 @@ def test_summary_holds_the_stages_own_metrics(dry_run):
     assert run["params"]["train"]["reward_weights"] == {"correctness": 1.0, "format": 0.2}
     assert run["effective_grpo_config"]["scale_rewards"] == "batch" and run["effective_grpo_config"]["max_steps"] == 2
     assert 0 < run["train_minutes"] < 30
+    assert run["importance_sampling_logprobs"] == effective["importance_sampling_logprobs"]
+    assert run["importance_sampling_logprobs"].startswith("none")  # no vLLM on CPU
     assert [step for step, _ in run["curves"]["rewards/correctness/mean"]] == [1, 2]
     # the train stage's held-out curve, as it wrote it: before training and at the last step (every 2)
     assert [row["step"] for row in run["heldout"]] == [0, 2]
