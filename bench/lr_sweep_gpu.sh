@@ -15,9 +15,9 @@
 # params and engine; evaluate_base would measure it again in about 1.5 minutes). nvidia-smi's memory and
 # utilisation every 30 s go to $1/gpu.csv.
 # Seen on 2026-12-04: GGUF to bf16 57-71 s; three runs side by side at micro-batches of 8 took 18.5-19.8 s a step
-# (30 steps: 10 minutes of training), 76 s per evaluation engine start. Seen on 2026-12-07 (one H100, the defaults as they are
-# here): GGUF to bf16 45 s, two runs at micro-batches of 32 took 9.7-9.8 s a step (60 steps: 10 minutes of training),
-# and the whole job 15 minutes (bench/results/real_model/defaults_60steps). Send each polling call
+# (30 steps: 10 minutes of training), 76 s per evaluation engine start. Seen on 2026-12-07 (one H100, the defaults
+# as they are here): GGUF to bf16 45 s, two runs at micro-batches of 32 took 9.7-9.8 s a step (60 steps: 10 minutes
+# of training), and the whole job 15 minutes (bench/results/real_model/defaults_60steps). Send each polling call
 # (`bash bench/device.sh wait /tmp/b26`) at once: the machine goes back 30 s after a call ends. Each `wait` packs
 # $1 as it is (SWEEP_DONE: the runs are evaluated). Keep the result: copy $1/sweep (summary.json, predictions,
 # logs, curves.png) to bench/results/real_model/<name>/, describe it in bench/results/runs.yaml, then
