@@ -8,7 +8,11 @@
 #   no_checkpointing  model.gradient_checkpointing: false (micro-batches halved until they fit: --halve-on-oom)
 # Every step also records TRL's own sections: sync_weights (LoRA merge + weight push), vLLM.generate, each reward.
 # `sleep` (a second call, if the lease allows): vLLM's sleep mode alone and with both levers (an engine of its own).
-#   bash bench/speed_levers.sh [main|sleep|prepare]     results: $OUT/speed_levers/ (JSON + log)
+# `next`: the levers not yet measured, beside the default (reuse_logprobs, first: the engine's first steps run slower,
+# 2026-12-06) and today: Liger's layer kernels with checkpointing on (liger) and off (levers_liger), and checkpointing
+# off at micro-batches of 8 (levers_mb8, the candidate for an 80 GB card). Liger is not in site.tgz: here, `python3 -m
+# pip download --no-deps -d .carry/liger liger-kernel==0.8.5` (the lock's; 0.2 MB), and carry .carry/liger with it.
+#   bash bench/speed_levers.sh [main|sleep|next|prepare]     results: $OUT/speed_levers/ (JSON + log)
 # Keep them: copy $OUT/speed_levers/ to bench/results/train_speed/levers_h200/ (its JSON files are in the bench result
 # schema; add the folder to bench/results/runs.yaml), then `python -m bench report` tables them in BENCHMARKS.md's
 # speed-levers section.
@@ -23,13 +27,18 @@ mode=${1:-main}
 case $mode in
   main) configs=(today levers reuse_logprobs no_checkpointing) ;;
   sleep) configs=(sleep levers_sleep) ;;
+  next) configs=(reuse_logprobs today liger levers_liger levers_mb8) ;;
   prepare) configs=() ;;
-  *) echo "usage: $0 [main|sleep|prepare]" >&2; exit 2 ;;
+  *) echo "usage: $0 [main|sleep|next|prepare]" >&2; exit 2 ;;
 esac
 out=${OUT:-/tmp/out}/speed_levers
 mkdir -p "$out"
 step() { echo "[speed_levers $(date +%T) ${SECONDS}s] $*"; }
 source bench/device.sh
+if [ "$mode" = next ] && ! python -c "import liger_kernel" 2> /dev/null; then
+  python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/liger/liger_kernel-*.whl \
+    || { echo "speed_levers.sh next: no liger-kernel; carry .carry/liger (this script's header says how)" >&2; exit 2; }
+fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
 if [ ! -f /tmp/standin/config.json ]; then

@@ -11,8 +11,9 @@ never stop), so a step is the worst case of real completions of that length.
 
 Configs (--configs): `defaults` (params.yaml), `reference` (the public Unsloth GRPO notebook's 1 prompt x 8),
 candidate batches (p16, p32, p64, mb8) and issue 27's speed levers (today, reuse_logprobs, no_checkpointing,
-levers, sleep, levers_sleep: bench/speed_levers.sh). Run each backend in its own process: importing Unsloth
-patches TRL for the process. A SIGTERM (a timeout) writes what was measured, status "partial".
+levers, sleep, levers_sleep, liger, levers_liger, levers_mb8: bench/speed_levers.sh). Run each backend in its
+own process: importing Unsloth patches TRL for the process. A SIGTERM (a timeout) writes what was measured, status
+"partial".
 """
 
 from __future__ import annotations
@@ -57,6 +58,15 @@ LEVERS = {
     "sleep": {"params": _TODAY, "trainer": {"vllm_enable_sleep_mode": True}},
     "levers_sleep": {"params": {"train": {"reuse_training_logprobs": True}, "model": {"gradient_checkpointing": False}},
                      "trainer": {"vllm_enable_sleep_mode": True}},
+    # the next levers (speed_levers.sh next): Liger's fused layer kernels (RMSNorm, SwiGLU, RoPE; liger-kernel is in
+    # the lock and TRL 1.15 still applies them, the LM head staying TRL's fused one), which keep fewer activations,
+    # and checkpointing off at micro-batches of 8, the candidate for an 80 GB card
+    "liger": {"params": {"train": {"reuse_training_logprobs": True}, "model": {"gradient_checkpointing": True}},
+              "trainer": {"use_liger_kernel": True}},
+    "levers_liger": {"params": {"train": {"reuse_training_logprobs": True}, "model": {"gradient_checkpointing": False}},
+                     "trainer": {"use_liger_kernel": True}},
+    "levers_mb8": {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 32,
+                   "params": {"train": {"reuse_training_logprobs": True}, "model": {"gradient_checkpointing": False}}},
 }
 CONFIGS.update(LEVERS)
 # How each engine is told to generate exactly L tokens (random weights never stop by themselves): HF
@@ -384,14 +394,14 @@ def main(argv: list[str] | None = None) -> None:
         share_vllm_engines()
     sections = {}  # the timer that TRL's timed sections report into
     time_trl_sections(sections)
-    fitted = {}  # gradient checkpointing on/off -> the largest micro-batch that trained without running out of memory
+    fitted = {}  # (checkpointing, Liger) -> the largest micro-batch that trained without running out of memory
     for i, name in enumerate(a.configs):
         bc = batch_config(p, name, a.completion)
         spec = CONFIGS[name]
         base = config.replace(p, **spec.get("params", {}))
-        checkpointing = base.model.gradient_checkpointing
+        setting = (base.model.gradient_checkpointing, bool(spec.get("trainer", {}).get("use_liger_kernel")))
         if a.halve_on_oom:  # start from what fitted before at this setting, not from an OOM already seen
-            while checkpointing in fitted and bc["per_device_train_batch_size"] > fitted[checkpointing]:
+            while setting in fitted and bc["per_device_train_batch_size"] > fitted[setting]:
                 bc = halved(bc, p.train.num_generations)
         started_at = bc["per_device_train_batch_size"]
         left = len(a.configs) - i
@@ -451,7 +461,7 @@ def main(argv: list[str] | None = None) -> None:
                 torch.cuda.empty_cache()
             bc = smaller
         if "error" not in entry:
-            fitted[checkpointing] = bc["per_device_train_batch_size"]
+            fitted[setting] = bc["per_device_train_batch_size"]
         current.clear()
         sections["timer"] = None
         runs.append(finish(entry, timer, trainer))

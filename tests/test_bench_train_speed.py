@@ -169,3 +169,19 @@ def test_halving_keeps_the_step_and_never_splits_a_group():
     quarter = train_speed.halved(half, 8)
     assert quarter["per_device_train_batch_size"] == 8 and quarter["completions_per_step"] == 256
     assert train_speed.halved(quarter, num_generations=8) is None  # 4 rows would split a group of 8
+
+
+@pytest.mark.parametrize("name", sorted(train_speed.LEVERS))
+def test_every_lever_trains_the_defaults_step_and_pins_what_it_changes(name):
+    """A lever is compared with `today` step for step: the same 256 completions of 32 prompts; and each config says
+    both settings that the levers move, so its result does not depend on what params.yaml holds at the time."""
+    from grpo_gsm8k import config
+
+    p = config.load(ROOT / "params.yaml")
+    bc = train_speed.batch_config(p, name, 512)
+    assert (bc["completions_per_step"], bc["prompts_per_step"]) == (256, 32)
+    assert bc["per_device_train_batch_size"] % p.train.num_generations == 0
+    params = train_speed.LEVERS[name]["params"]
+    assert set(params["train"]) == {"reuse_training_logprobs"} and set(params["model"]) == {"gradient_checkpointing"}
+    q = config.replace(p, **params)  # the keys exist and validate
+    assert q.train.reuse_training_logprobs == params["train"]["reuse_training_logprobs"]
