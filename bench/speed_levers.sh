@@ -12,7 +12,9 @@
 # 2026-12-06) and today: Liger's layer kernels with checkpointing on (liger) and off (levers_liger), and checkpointing
 # off at micro-batches of 8 (levers_mb8, the candidate for an 80 GB card). Liger is not in site.tgz: here, `python3 -m
 # pip download --no-deps -d .carry/liger liger-kernel==0.8.5` (the lock's; 0.2 MB), and carry .carry/liger with it.
-#   bash bench/speed_levers.sh [main|sleep|next|prepare]     results: $OUT/speed_levers/ (JSON + log)
+# `every_n`: gradient checkpointing in every 2nd and every 4th layer only (ckpt_every2, ckpt_every4), beside the
+# default and today.
+#   bash bench/speed_levers.sh [main|sleep|next|every_n|prepare]     results: $OUT/speed_levers/ (JSON + log)
 # Keep them: copy $OUT/speed_levers/ to bench/results/train_speed/levers_h200/ (its JSON files are in the bench result
 # schema; add the folder to bench/results/runs.yaml), then `python -m bench report` tables them in BENCHMARKS.md's
 # speed-levers section.
@@ -28,8 +30,9 @@ case $mode in
   main) configs=(today levers reuse_logprobs no_checkpointing) ;;
   sleep) configs=(sleep levers_sleep) ;;
   next) configs=(reuse_logprobs today liger levers_liger levers_mb8) ;;
+  every_n) configs=(reuse_logprobs today ckpt_every2 ckpt_every4) ;;
   prepare) configs=() ;;
-  *) echo "usage: $0 [main|sleep|next|prepare]" >&2; exit 2 ;;
+  *) echo "usage: $0 [main|sleep|next|every_n|prepare]" >&2; exit 2 ;;
 esac
 out=${OUT:-/tmp/out}/speed_levers
 mkdir -p "$out"

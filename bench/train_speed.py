@@ -67,6 +67,13 @@ LEVERS = {
                      "trainer": {"use_liger_kernel": True}},
     "levers_mb8": {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 32,
                    "params": {"train": {"reuse_training_logprobs": True}, "model": {"gradient_checkpointing": False}}},
+    # checkpointing only every n-th layer (transformers 5's every_n_layers, see checkpoint_every_n_layers;
+    # speed_levers.sh every_n): the time saved against the memory kept, between every layer (63 GiB, 12.4 s of
+    # training on an H200) and none (out of memory at micro-batches of 32)
+    "ckpt_every2": {"params": {"train": {"reuse_training_logprobs": True}, "model": {"gradient_checkpointing": True}},
+                    "checkpoint_every_n_layers": 2},
+    "ckpt_every4": {"params": {"train": {"reuse_training_logprobs": True}, "model": {"gradient_checkpointing": True}},
+                    "checkpoint_every_n_layers": 4},
 }
 CONFIGS.update(LEVERS)
 # How each engine is told to generate exactly L tokens (random weights never stop by themselves): HF
@@ -74,14 +81,15 @@ CONFIGS.update(LEVERS)
 FORCE_KEY = {"hf": "min_new_tokens", "vllm": "min_tokens"}
 EFFECTIVE_ARGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
                   "generation_batch_size", "num_generations", "max_completion_length", "beta", "loss_type",
-                  "gradient_checkpointing", "optim", "bf16", "cache_implementation", "generation_kwargs", "use_vllm",
+                  "gradient_checkpointing", "gradient_checkpointing_kwargs", "optim", "bf16", "cache_implementation",
+                  "generation_kwargs", "use_vllm",
                   "vllm_importance_sampling_correction", "vllm_importance_sampling_mode", "vllm_enable_sleep_mode",
                   "vllm_gpu_memory_utilization", "num_iterations")
 TRL_LOG_KEYS = ("completions/", "step_time", "loss", "sampling/", "entropy", "grad_norm", "reward", "num_tokens")
 
 
 def batch_config(p: config.Params, name: str, completion: int | None) -> dict:
-    spec = {k: v for k, v in CONFIGS[name].items() if k not in ("params", "trainer")}
+    spec = {k: v for k, v in CONFIGS[name].items() if k not in ("params", "trainer", "checkpoint_every_n_layers")}
     length = completion or spec.pop("completion", None) or p.train.max_completion_length
     spec.pop("completion", None)
     pdb = spec.get("per_device_train_batch_size", p.train.per_device_train_batch_size)
@@ -181,6 +189,30 @@ def make_timer(deadline: float):
                 control.should_training_stop = True
 
     return StepTimer()
+
+
+def checkpoint_every_n_layers(model, n: int) -> None:
+    """Gradient checkpointing in every n-th decoder layer only, however it is turned on. The Trainer takes
+    every_n_layers from gradient_checkpointing_kwargs, but TRL 1.15 turns checkpointing off around its no-grad
+    forward and on again with those kwargs as they are (grpo_trainer.py:2560, models/utils.py:405): every layer
+    again, or, with every_n_layers among them, a ValueError from torch's checkpoint. So the model's own
+    gradient_checkpointing_enable is wrapped, as TRL's selective checkpointing does
+    (trl/models/selective_activation_checkpointing.py)."""
+    original = model.gradient_checkpointing_enable
+
+    def enable(gradient_checkpointing_kwargs=None, **kwargs):
+        return original(gradient_checkpointing_kwargs, **{**kwargs, "every_n_layers": n})
+
+    model.gradient_checkpointing_enable = enable
+
+
+def checkpointed_layers(model) -> dict:
+    """How many decoder layers recompute their forward in the backward pass, as the model holds it after training
+    started (the Trainer sets it from gradient_checkpointing and gradient_checkpointing_kwargs' every_n_layers)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    return {"layers": len(layers), "checkpointed": sum(bool(m.gradient_checkpointing) for m in layers)}
 
 
 def wrap_timed(trainer, timer, name: str, key: str, lengths: bool = False) -> bool:
@@ -367,6 +399,7 @@ def main(argv: list[str] | None = None) -> None:
                     per_step = entry["batch"]["completions_per_step"]
                     s["completion_tokens"] = round(row["completions/mean_length"] * per_step)
         entry.update(steps=steps, summary=summarise(steps, a.warmup), micro_batch_seconds=timer.micro,
+                     checkpointed_layers=checkpointed_layers(trainer.model),
                      peak_memory_gib=common.peak_memory(),
                      trl_logs=[{k: v for k, v in row.items() if k.startswith(TRL_LOG_KEYS)}
                                for row in trainer.state.log_history])
@@ -394,12 +427,14 @@ def main(argv: list[str] | None = None) -> None:
         share_vllm_engines()
     sections = {}  # the timer that TRL's timed sections report into
     time_trl_sections(sections)
-    fitted = {}  # (checkpointing, Liger) -> the largest micro-batch that trained without running out of memory
+    fitted = {}  # (checkpointing, trainer overrides, every n layers) -> the largest micro-batch that trained without
+    # running out of memory
     for i, name in enumerate(a.configs):
         bc = batch_config(p, name, a.completion)
         spec = CONFIGS[name]
         base = config.replace(p, **spec.get("params", {}))
-        setting = (base.model.gradient_checkpointing, bool(spec.get("trainer", {}).get("use_liger_kernel")))
+        setting = (base.model.gradient_checkpointing, json.dumps(spec.get("trainer", {}), sort_keys=True),
+                   spec.get("checkpoint_every_n_layers"))
         if a.halve_on_oom:  # start from what fitted before at this setting, not from an OOM already seen
             while setting in fitted and bc["per_device_train_batch_size"] > fitted[setting]:
                 bc = halved(bc, p.train.num_generations)
@@ -427,6 +462,8 @@ def main(argv: list[str] | None = None) -> None:
             trainer = training.build_trainer(q, policy, dataset, f"/tmp/bench_{a.backend}_{name}", callbacks=[timer],
                                              generation_kwargs={FORCE_KEY[engine]: bc["completion_tokens"]},
                                              save_strategy="no", **{**spec.get("trainer", {}), **overrides})
+            if spec.get("checkpoint_every_n_layers"):
+                checkpoint_every_n_layers(trainer.model, spec["checkpoint_every_n_layers"])
             load_s = time.perf_counter() - t_load
             wrapped = {m: wrap_timed(trainer, timer, m, k, lengths=(k == "generate_s"))
                        for m, k in (("_generate_single_turn", "generate_s"),
@@ -437,6 +474,7 @@ def main(argv: list[str] | None = None) -> None:
                      "out_of_memory_at_micro_batch": out_of_memory,  # this config's own attempts
                      "started_at_micro_batch": started_at,  # smaller than the config's: an earlier config's OOM
                      "trainer_class": type(trainer).__name__,
+                     "checkpoint_every_n_layers": spec.get("checkpoint_every_n_layers"),
                      "effective_args": {k: getattr(trainer.args, k, None) for k in EFFECTIVE_ARGS}}
             log(f"built trainer in {load_s:.1f}s; args {entry['effective_args']}")
             current.update(entry=entry, timer=timer, trainer=trainer, t0=time.time())

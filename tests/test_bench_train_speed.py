@@ -48,6 +48,8 @@ def test_a_run_writes_one_result_of_the_schema_with_its_timed_steps(trained):
     # the lever's params were applied, and TRL's own sections were timed
     assert run["params"] == train_speed.LEVERS["today"]["params"]
     assert run["effective_args"]["gradient_checkpointing"] is True
+    layers = json.loads((Path(result["model"]) / "config.json").read_text())["num_hidden_layers"]
+    assert run["checkpointed_layers"] == {"layers": layers, "checkpointed": layers}
     assert "section_transformers_generate_s" in run["summary"]["sections_s_per_step"]
     assert result["model_config"]["hidden_size"] == json.loads((Path(result["model"]) / "config.json").read_text())[
         "hidden_size"]
@@ -185,3 +187,18 @@ def test_every_lever_trains_the_defaults_step_and_pins_what_it_changes(name):
     assert set(params["train"]) == {"reuse_training_logprobs"} and set(params["model"]) == {"gradient_checkpointing"}
     q = config.replace(p, **params)  # the keys exist and validate
     assert q.train.reuse_training_logprobs == params["train"]["reuse_training_logprobs"]
+
+
+def test_checkpointing_every_other_layer_recomputes_half_of_them(tiny_model, tmp_path):
+    """The partial-checkpointing levers: layers 0, 2, ... recompute, still after TRL's no-grad forward has turned
+    checkpointing off and on again around each generation batch (which alone would checkpoint every layer again);
+    with checkpointing off, none."""
+    bench("train-speed", *TINY, "--model", str(tiny_model), "--configs", "ckpt_every2", "levers", "--steps-big", "1",
+          "--warmup", "0", "--results-dir", str(tmp_path), "--out", "partial", "--budget-s", "300")
+    result = json.loads((tmp_path / "partial.json").read_text())
+    every2, off = result["runs"]
+    layers = json.loads((tiny_model / "config.json").read_text())["num_hidden_layers"]
+    assert layers >= 2 and every2["checkpoint_every_n_layers"] == 2
+    assert every2["checkpointed_layers"] == {"layers": layers, "checkpointed": (layers + 1) // 2}
+    assert off["checkpointed_layers"] == {"layers": layers, "checkpointed": 0}
+    assert every2["status"] == off["status"] == "complete"
