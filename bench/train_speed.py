@@ -11,9 +11,9 @@ never stop), so a step is the worst case of real completions of that length.
 
 Configs (--configs): `defaults` (params.yaml), `reference` (the public Unsloth GRPO notebook's 1 prompt x 8),
 candidate batches (p16, p32, p64, mb8) and issue 27's speed levers (today, reuse_logprobs, no_checkpointing,
-levers, sleep, levers_sleep, liger, levers_liger, levers_mb8: bench/speed_levers.sh). Run each backend in its
-own process: importing Unsloth patches TRL for the process. A SIGTERM (a timeout) writes what was measured, status
-"partial".
+levers, sleep, levers_sleep, liger, levers_liger, levers_mb8, ckpt_every2, ckpt_every4: bench/speed_levers.sh).
+Run each backend in its own process: importing Unsloth patches TRL for the process. A SIGTERM (a timeout) writes
+what was measured, status "partial".
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def make_timer(deadline: float):
 def checkpoint_every_n_layers(model, n: int) -> None:
     """Gradient checkpointing in every n-th decoder layer only, however it is turned on. The Trainer takes
     every_n_layers from gradient_checkpointing_kwargs, but TRL 1.15 turns checkpointing off around its no-grad
-    forward and on again with those kwargs as they are (grpo_trainer.py:2560, models/utils.py:405): every layer
+    forward and on again with those kwargs as they are (grpo_trainer.py:2560, trl/models/utils.py:405): every layer
     again, or, with every_n_layers among them, a ValueError from torch's checkpoint. So the model's own
     gradient_checkpointing_enable is wrapped, as TRL's selective checkpointing does
     (trl/models/selective_activation_checkpointing.py)."""
