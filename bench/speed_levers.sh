@@ -29,7 +29,7 @@ mode=${1:-main}
 case $mode in
   main) configs=(today levers reuse_logprobs no_checkpointing) ;;
   sleep) configs=(sleep levers_sleep) ;;
-  next) configs=(reuse_logprobs today liger levers_liger levers_mb8) ;;
+  next) configs=(reuse_logprobs today levers_mb8 liger levers_liger) ;;
   every_n) configs=(reuse_logprobs today ckpt_every2 ckpt_every4) ;;
   prepare) configs=() ;;
   *) echo "usage: $0 [main|sleep|next|every_n|prepare]" >&2; exit 2 ;;

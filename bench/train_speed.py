@@ -12,8 +12,9 @@ never stop), so a step is the worst case of real completions of that length.
 Configs (--configs): `defaults` (params.yaml), `reference` (the public Unsloth GRPO notebook's 1 prompt x 8),
 candidate batches (p16, p32, p64, mb8) and issue 27's speed levers (today, reuse_logprobs, no_checkpointing,
 levers, sleep, levers_sleep, liger, levers_liger, levers_mb8, ckpt_every2, ckpt_every4: bench/speed_levers.sh).
-Run each backend in its own process: importing Unsloth patches TRL for the process. A SIGTERM (a timeout) writes
-what was measured, status "partial".
+Run each backend in its own process: importing Unsloth patches TRL for the process. A config that fails (out of
+memory, or an error) is recorded with its error and the next configs still run; a SIGTERM (a timeout) writes what
+was measured, status "partial".
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import re
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from bench import common, standin
@@ -485,6 +487,9 @@ def main(argv: list[str] | None = None) -> None:
                 entry["error"] = f"OOM: {err}"[:500]
                 log(entry["error"])
                 oom = True
+            except Exception as err:  # noqa: BLE001  (a lever that breaks is a result too; the next configs still run)
+                entry["error"] = f"{type(err).__name__}: {err}"[:500]
+                log(f"config {name} failed: {traceback.format_exc()}")
             smaller = halved(bc, p.train.num_generations) if oom and a.halve_on_oom else None
             if smaller is None or time.time() > deadline:
                 break

@@ -202,3 +202,16 @@ def test_checkpointing_every_other_layer_recomputes_half_of_them(tiny_model, tmp
     assert every2["checkpointed_layers"] == {"layers": layers, "checkpointed": (layers + 1) // 2}
     assert off["checkpointed_layers"] == {"layers": layers, "checkpointed": 0}
     assert every2["status"] == off["status"] == "complete"
+
+
+def test_a_lever_that_breaks_is_recorded_and_the_next_configs_still_run(tiny_model, tmp_path):
+    """Liger's kernels cannot run on this CPU (Triton; the package is not even installed here): that config fails
+    with its error in the result, and the config after it is measured as usual."""
+    bench("train-speed", *TINY, "--model", str(tiny_model), "--configs", "liger", "today", "--steps-big", "1",
+          "--warmup", "0", "--results-dir", str(tmp_path), "--out", "broken", "--budget-s", "300")
+    result = json.loads((tmp_path / "broken.json").read_text())
+    liger, today = result["runs"]
+    assert liger["status"] == "failed" and liger["error"] and not liger["steps"]
+    assert liger["effective_args"] and train_speed.LEVERS["liger"]["trainer"] == {"use_liger_kernel": True}
+    assert today["status"] == "complete" and [s["step"] for s in today["steps"]] == [1]
+    assert result["status"] == "partial" and common.check(result) == []
