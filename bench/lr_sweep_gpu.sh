@@ -5,9 +5,9 @@
 # RUNS (recipe:seed ..., bench/real_model.py's recipes) and STEPS choose what trains, side by side. The default is
 # issue 26's claim: params.yaml as shipped on two seeds, "defaults:1 defaults:3407" (evaluated in that order), 60
 # steps. The sweep that chose those defaults (bench/results/real_model/lr_sweep, lr_sweep2) ran RUNS="lr5e-6:3407
-# lr2e-5:3407 ..." STEPS=30 and,
-# six runs on one GPU, micro-batches of 8 x 32 accumulation steps (MICRO=8: the same 256 completions a step, one
-# loss normalised over the whole batch). What the shared GPU and the device budget force, and nothing else:
+# lr2e-5:3407 ..." STEPS=30 with six runs on one GPU, in micro-batches of 8 x 32 accumulation steps (MICRO=8: the
+# same 256 completions a step, one loss normalised over the whole batch). What the shared GPU and the device budget
+# force, and nothing else:
 # train.max_steps (the cosine schedule keeps its shape), a vLLM share of 0.08 each, and lm_eval.tasks: [] (lm-eval's
 # tasks are an evaluation beside the project's, measured on their own by `python -m bench lm-eval`; they change
 # nothing trained). lm-eval runs when its wheels were carried (.whl/a, .whl/b), on the base and the first run.
