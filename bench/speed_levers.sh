@@ -8,12 +8,12 @@
 #   no_checkpointing  model.gradient_checkpointing: false (micro-batches halved until they fit: --halve-on-oom)
 # Every step also records TRL's own sections: sync_weights (LoRA merge + weight push), vLLM.generate, each reward.
 # `sleep` (a second call, if the lease allows): vLLM's sleep mode alone and with both levers (an engine of its own).
-# `next`: the levers not yet measured, beside the default (reuse_logprobs, first: the engine's first steps run slower,
-# 2026-12-06) and today: Liger's layer kernels with checkpointing on (liger) and off (levers_liger), and checkpointing
-# off at micro-batches of 8 (levers_mb8, the candidate for an 80 GB card). Liger is not in site.tgz: here, `python3 -m
-# pip download --no-deps -d .carry/liger liger-kernel==0.8.5` (the lock's; 0.2 MB), and carry .carry/liger with it.
-# `every_n`: gradient checkpointing in every 2nd and every 4th layer only (ckpt_every2, ckpt_every4), beside the
-# default and today.
+# `next`: Liger's layer kernels with checkpointing on (liger) and off (levers_liger), beside the default
+# (reuse_logprobs, first: the engine's first steps run slower, 2026-12-06), today and both levers without Liger
+# (levers). Liger is not in site.tgz: here, `python3 -m pip download --no-deps -d .carry/liger liger-kernel==0.8.5`
+# (the lock's; 0.9 MB), and carry .carry/liger with it.
+# `every_n`: the candidates for an 80 GB card, beside the default and today: gradient checkpointing in every 2nd and
+# every 4th layer only (ckpt_every2, ckpt_every4), and off at micro-batches of 8 x 32 (levers_mb8).
 #   bash bench/speed_levers.sh [main|sleep|next|every_n|prepare]     results: $OUT/speed_levers/ (JSON + log)
 # Keep them: copy $OUT/speed_levers/ to bench/results/train_speed/levers_h200/ (its JSON files are in the bench result
 # schema; add the folder to bench/results/runs.yaml), then `python -m bench report` tables them in BENCHMARKS.md's
@@ -29,8 +29,8 @@ mode=${1:-main}
 case $mode in
   main) configs=(today levers reuse_logprobs no_checkpointing) ;;
   sleep) configs=(sleep levers_sleep) ;;
-  next) configs=(reuse_logprobs today levers_mb8 liger levers_liger) ;;
-  every_n) configs=(reuse_logprobs today ckpt_every2 ckpt_every4) ;;
+  next) configs=(reuse_logprobs today levers liger levers_liger) ;;
+  every_n) configs=(reuse_logprobs today ckpt_every2 ckpt_every4 levers_mb8) ;;
   prepare) configs=() ;;
   *) echo "usage: $0 [main|sleep|next|every_n|prepare]" >&2; exit 2 ;;
 esac

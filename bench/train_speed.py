@@ -54,7 +54,9 @@ LEVERS = {
     "today": {"params": _TODAY},
     "reuse_logprobs": {"params": {**_TODAY, "train": {"reuse_training_logprobs": True}}},
     "no_checkpointing": {"params": {**_TODAY, "model": {"gradient_checkpointing": False}}},
-    "levers": {"params": {"train": {"reuse_training_logprobs": True}, "model": {"gradient_checkpointing": False}}},
+    # checkpointing off starts at micro-batches of 16 x 16: 32 x 8 ran out of memory on an H200 (2026-12-06)
+    "levers": {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 16,
+               "params": {"train": {"reuse_training_logprobs": True}, "model": {"gradient_checkpointing": False}}},
     # vLLM's sleep mode: its weights and KV cache released while training (an engine of its own: see
     # share_vllm_engines), for gradient checkpointing off on a card that is too small without it
     "sleep": {"params": _TODAY, "trainer": {"vllm_enable_sleep_mode": True}},
@@ -65,7 +67,8 @@ LEVERS = {
     # and checkpointing off at micro-batches of 8, the candidate for an 80 GB card
     "liger": {"params": {"train": {"reuse_training_logprobs": True}, "model": {"gradient_checkpointing": True}},
               "trainer": {"use_liger_kernel": True}},
-    "levers_liger": {"params": {"train": {"reuse_training_logprobs": True}, "model": {"gradient_checkpointing": False}},
+    "levers_liger": {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 16,
+                     "params": {"train": {"reuse_training_logprobs": True}, "model": {"gradient_checkpointing": False}},
                      "trainer": {"use_liger_kernel": True}},
     "levers_mb8": {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 32,
                    "params": {"train": {"reuse_training_logprobs": True}, "model": {"gradient_checkpointing": False}}},
