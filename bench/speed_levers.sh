@@ -14,7 +14,9 @@
 # (the lock's; 0.9 MB), and carry .carry/liger with it.
 # `every_n`: the candidates for an 80 GB card, beside the default and today: gradient checkpointing in every 2nd and
 # every 4th layer only (ckpt_every2, ckpt_every4), and off at micro-batches of 8 x 32 (levers_mb8).
-#   bash bench/speed_levers.sh [main|sleep|next|every_n|prepare]     results: $OUT/speed_levers/ (JSON + log)
+# `h100`: on an 80 GB card, the default beside Liger's kernels and the two ways of recomputing less that may fit there
+# (ckpt_every2, levers_mb8); halved on out-of-memory like the rest.
+#   bash bench/speed_levers.sh [main|sleep|next|every_n|h100|prepare]     results: $OUT/speed_levers/ (JSON + log)
 # Keep them: copy $OUT/speed_levers/ to bench/results/train_speed/levers_h200/ (its JSON files are in the bench result
 # schema; add the folder to bench/results/runs.yaml), then `python -m bench report` tables them in BENCHMARKS.md's
 # speed-levers section.
@@ -31,16 +33,17 @@ case $mode in
   sleep) configs=(sleep levers_sleep) ;;
   next) configs=(reuse_logprobs today levers liger levers_liger) ;;
   every_n) configs=(reuse_logprobs today ckpt_every2 ckpt_every4 levers_mb8) ;;
+  h100) configs=(reuse_logprobs liger ckpt_every2 levers_mb8) ;;
   prepare) configs=() ;;
-  *) echo "usage: $0 [main|sleep|next|every_n|prepare]" >&2; exit 2 ;;
+  *) echo "usage: $0 [main|sleep|next|every_n|h100|prepare]" >&2; exit 2 ;;
 esac
 out=${OUT:-/tmp/out}/speed_levers
 mkdir -p "$out"
 step() { echo "[speed_levers $(date +%T) ${SECONDS}s] $*"; }
 source bench/device.sh
-if [ "$mode" = next ] && ! python -c "import liger_kernel" 2> /dev/null; then
+if [[ $mode = next || $mode = h100 ]] && ! python -c "import liger_kernel" 2> /dev/null; then
   python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/liger/liger_kernel-*.whl \
-    || { echo "speed_levers.sh next: no liger-kernel; carry .carry/liger (this script's header says how)" >&2; exit 2; }
+    || { echo "speed_levers.sh $mode: no liger-kernel; carry .carry/liger (this script's header says how)" >&2; exit 2; }
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
