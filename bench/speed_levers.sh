@@ -55,7 +55,7 @@ fi
 # What is left of the call's 600 s, less 30 s to pack up. Each later config keeps 85 s (its load and 4 steps take
 # 80-110 s; the first one also builds the engine, ~2 minutes in all, and 4 steps of 25 s); a config past its
 # share stops after its current step, and a timeout still writes what was measured (train_speed.py on_sigterm)
-left=$((570 - SECONDS))
+left=$((${SPEED_LEVERS_S:-570} - SECONDS))  # SPEED_LEVERS_S: a shorter call (the lease's last minutes)
 step "${configs[*]}: ${left}s left"
 timeout "$left" python -m bench train-speed --backend transformers --vllm --bf16 --completion 512 \
   --steps-big 4 --warmup 1 --halve-on-oom --configs "${configs[@]}" --data /tmp/carry/data/gsm8k \
