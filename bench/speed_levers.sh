@@ -46,6 +46,14 @@ if [[ $mode = next || $mode = h100 ]] && ! python -c "import liger_kernel" 2> /d
     || { echo "speed_levers.sh $mode: no liger-kernel; carry .carry/liger (this script's header says how)" >&2; exit 2; }
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
+# params.yaml with the batch every lever that sets none runs at: 32 x 8, the defaults' until 2026-12-07 (levers_mb8's
+# 8 x 32 without checkpointing since), so that results of before and after compare
+python - <<'EOF'
+import yaml
+p = yaml.safe_load(open("params.yaml"))
+p["train"].update(per_device_train_batch_size=32, gradient_accumulation_steps=8)
+yaml.safe_dump(p, open("/tmp/levers_params.yaml", "w"), sort_keys=False)
+EOF
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
 if [ ! -f /tmp/standin/config.json ]; then
   step "building the stand-in"
@@ -57,8 +65,8 @@ fi
 # share stops after its current step, and a timeout still writes what was measured (train_speed.py on_sigterm)
 left=$((${SPEED_LEVERS_S:-570} - SECONDS))  # SPEED_LEVERS_S: a shorter call (the lease's last minutes)
 step "${configs[*]}: ${left}s left"
-timeout "$left" python -m bench train-speed --backend transformers --vllm --bf16 --completion 512 \
-  --steps-big 4 --warmup 1 --halve-on-oom --configs "${configs[@]}" --data /tmp/carry/data/gsm8k \
+timeout "$left" python -m bench train-speed --params /tmp/levers_params.yaml --backend transformers --vllm --bf16 \
+  --completion 512 --steps-big 4 --warmup 1 --halve-on-oom --configs "${configs[@]}" --data /tmp/carry/data/gsm8k \
   --model /tmp/standin --budget-s $((left - 45)) --reserve-s 85 --results-dir "$out" --out "train_speed_levers_$mode" \
   > "$out/$mode.log" 2>&1
 step "bench: rc $?"

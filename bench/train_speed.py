@@ -49,6 +49,8 @@ CONFIGS = {
 # Issue 27's speed levers at the defaults' batch, each alone and together, every one of them pinned (not read from
 # params.yaml) so that a result says what ran. "params": params.yaml keys by section; "trainer": GRPOConfig overrides.
 # "today": the defaults before issue 27 (TRL's scoring forward, gradient checkpointing on).
+# The batch comes from --params where a lever does not set it: bench/speed_levers.sh gives them micro-batches of
+# 32 x 8 accumulation steps, the defaults' until 2026-12-07, when levers_mb8 (8 x 32, checkpointing off) became them.
 _TODAY = {"train": {"reuse_training_logprobs": False}, "model": {"gradient_checkpointing": True}}
 LEVERS = {
     "today": {"params": _TODAY},
@@ -60,13 +62,14 @@ LEVERS = {
     # vLLM's sleep mode: its weights and KV cache released while training (an engine of its own: see
     # share_vllm_engines), for gradient checkpointing off on a card that is too small without it
     "sleep": {"params": _TODAY, "trainer": {"vllm_enable_sleep_mode": True}},
-    "levers_sleep": {"params": {"train": {"reuse_training_logprobs": True}, "model": {"gradient_checkpointing": False}},
-                     "trainer": {"vllm_enable_sleep_mode": True}},
+    "levers_sleep": {"trainer": {"vllm_enable_sleep_mode": True},
+                     "params": {"train": {"reuse_training_logprobs": True},
+                                "model": {"gradient_checkpointing": False}}},
     # the next levers (speed_levers.sh next): Liger's fused layer kernels (RMSNorm, SwiGLU, RoPE; liger-kernel is in
     # the lock and TRL 1.15 still applies them, the LM head staying TRL's fused one), which keep fewer activations,
     # and checkpointing off at micro-batches of 8, the candidate for an 80 GB card
-    "liger": {"params": {"train": {"reuse_training_logprobs": True}, "model": {"gradient_checkpointing": True}},
-              "trainer": {"use_liger_kernel": True}},
+    "liger": {"trainer": {"use_liger_kernel": True},
+              "params": {"train": {"reuse_training_logprobs": True}, "model": {"gradient_checkpointing": True}}},
     "levers_liger": {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 16,
                      "params": {"train": {"reuse_training_logprobs": True}, "model": {"gradient_checkpointing": False}},
                      "trainer": {"use_liger_kernel": True}},
@@ -75,10 +78,10 @@ LEVERS = {
     # checkpointing only every n-th layer (transformers 5's every_n_layers, see checkpoint_every_n_layers;
     # speed_levers.sh every_n): the time saved against the memory kept, between every layer (63 GiB, 12.4 s of
     # training on an H200) and none (out of memory at micro-batches of 32)
-    "ckpt_every2": {"params": {"train": {"reuse_training_logprobs": True}, "model": {"gradient_checkpointing": True}},
-                    "checkpoint_every_n_layers": 2},
-    "ckpt_every4": {"params": {"train": {"reuse_training_logprobs": True}, "model": {"gradient_checkpointing": True}},
-                    "checkpoint_every_n_layers": 4},
+    "ckpt_every2": {"checkpoint_every_n_layers": 2,
+                    "params": {"train": {"reuse_training_logprobs": True}, "model": {"gradient_checkpointing": True}}},
+    "ckpt_every4": {"checkpoint_every_n_layers": 4,
+                    "params": {"train": {"reuse_training_logprobs": True}, "model": {"gradient_checkpointing": True}}},
 }
 CONFIGS.update(LEVERS)
 # How each engine is told to generate exactly L tokens (random weights never stop by themselves): HF
@@ -89,7 +92,7 @@ EFFECTIVE_ARGS = ("per_device_train_batch_size", "gradient_accumulation_steps", 
                   "gradient_checkpointing", "gradient_checkpointing_kwargs", "optim", "bf16", "cache_implementation",
                   "generation_kwargs", "use_vllm",
                   "vllm_importance_sampling_correction", "vllm_importance_sampling_mode", "vllm_enable_sleep_mode",
-                  "vllm_gpu_memory_utilization", "num_iterations")
+                  "vllm_gpu_memory_utilization", "num_iterations", "use_liger_kernel")
 TRL_LOG_KEYS = ("completions/", "step_time", "loss", "sampling/", "entropy", "grad_norm", "reward", "num_tokens")
 
 

@@ -19,7 +19,8 @@ ADAPTER = Path("models/adapter")
 LIVE = "reports/train"
 CURVE = Path("reports/train/eval_curve.tsv")
 SUMMARY = "reports/train/summary.json"  # the train stage's DVC metrics: what a user compares between runs
-OOM_ADVICE = ("CUDA ran out of memory. Lower train.per_device_train_batch_size (keep it a multiple of "
+OOM_ADVICE = ("CUDA ran out of memory. Set model.gradient_checkpointing: true (activations recomputed: less memory, "
+              "slower steps), or lower train.per_device_train_batch_size (keep it a multiple of "
               "train.num_generations) and raise train.gradient_accumulation_steps to keep the batch, or lower "
               "train.max_completion_length or generation.vllm_gpu_memory_utilization; then rerun to resume.")
 

@@ -225,8 +225,8 @@ def _launch(tmp_path, vllm_mode="colocate", overrides=None, **env):
     ("colocate", {}, {"ACCEL": "zero3"}, "ACCEL=zero3", "set ACCEL=ddp or ACCEL=zero2"),
     ("colocate", {"model.load_in_4bit": True}, {}, "generation.use_vllm", "Set model.load_in_4bit: false"),
     ("colocate", {"model.backend": "unsloth"}, {"N": "2"}, "model.backend: unsloth", "set model.backend: transformers"),
-    # 200 prepared rows: one step on 4 ranks with 16 accumulation steps takes 4 x 64 prompts
-    ("colocate", {"train.gradient_accumulation_steps": 16}, {}, "data.train_limit: 200 prepared training row(s)",
+    # 200 prepared rows: one step on 4 ranks with 64 accumulation steps of 8 completions takes 4 x 64 prompts
+    ("colocate", {"train.gradient_accumulation_steps": 64}, {}, "data.train_limit: 200 prepared training row(s)",
      "takes 256 prompts (64 a rank)"),
 ])
 def test_launcher_refuses_what_cannot_work_in_one_line_before_starting_anything(tmp_path, mode, overrides, env,

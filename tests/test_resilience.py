@@ -282,7 +282,8 @@ def test_out_of_memory_is_answered_with_the_params_to_lower(tmp_path, tiny_model
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(GRPOTrainer, "train", out_of_memory)
-    with pytest.raises(SystemExit, match=r"ran out of memory.*train\.per_device_train_batch_size.*"
+    with pytest.raises(SystemExit, match=r"ran out of memory.*model\.gradient_checkpointing: true.*"
+                                         r"train\.per_device_train_batch_size.*"
                                          r"train\.max_completion_length"):
         train_stage.train(train_stage.config.load())
     assert not (tmp_path / "models").exists()

@@ -71,13 +71,15 @@ class Record:
         self.forwards, self.losses, self.batch_keys, self.grads = [], [], [], None
 
 
-def one_step(tiny_model, tiny_params, tmp_path, reuse: bool, noise: float = 0.15, **overrides) -> Record:
+def one_step(tiny_model, tiny_params, tmp_path, reuse: bool, noise: float = 0.15, train: dict | None = None,
+             model: dict | None = None, **overrides) -> Record:
     from datasets import Dataset
     from transformers import TrainerCallback, set_seed
 
     raw = copy.deepcopy(tiny_params)
-    raw["model"]["name"] = str(tiny_model)
-    raw["train"].update(reuse_training_logprobs=reuse, max_steps=1, gradient_accumulation_steps=2)
+    raw["model"].update(name=str(tiny_model), **(model or {}))
+    raw["train"].update({"reuse_training_logprobs": reuse, "max_steps": 1, "gradient_accumulation_steps": 2,
+                         **(train or {})})
     p = config.parse(raw)
     rows = gsm8k.validate_rows(gsm8k.read_jsonl(FIXTURES / "train.jsonl"), "train")
     dataset = Dataset.from_list([{"prompt": gsm8k.build_prompt(r["question"], p.data.system_prompt),
@@ -96,7 +98,8 @@ def one_step(tiny_model, tiny_params, tmp_path, reuse: bool, noise: float = 0.15
             record.grads = {n: q.grad.detach().clone() for n, q in model.named_parameters() if q.requires_grad}
 
     set_seed(p.train.seed)
-    trainer = training.build_trainer(p, modeling.load_policy(p), dataset, str(tmp_path / f"out-{reuse}"),
+    out = tmp_path / f"out-{reuse}-{len(list(tmp_path.glob('out-*')))}"
+    trainer = training.build_trainer(p, modeling.load_policy(p), dataset, str(out),
                                      callbacks=[Capture()], save_strategy="no", max_grad_norm=1e9,
                                      vllm_importance_sampling_mode=overrides.pop("mode", "sequence_mask"),
                                      **overrides)
@@ -167,3 +170,26 @@ def test_trl_computes_the_old_logprobs_where_the_policy_moves_between_generation
     assert reused.source == "TRL's scoring forward"  # what training_run.json records, not the request
     assert {"old_per_token_logps", "importance_sampling_ratio"} <= reused.batch_keys[0]
     assert all(key in reused.logs for key in SAMPLING_METRICS)
+
+
+def test_micro_batches_and_checkpointing_change_memory_not_the_update(tiny_model, tiny_params, tmp_path):
+    """The GPU default trains its 256 completions a step in micro-batches of 8 without gradient checkpointing
+    (issue 27), where issue 26's runs used 32 with it: the same optimizer step. DAPO's loss sums token losses over
+    the whole generation batch, the advantages come from that batch, and recomputing activations recomputes the
+    same values; here one generation batch of 16 completions as 1 x 16 with checkpointing, 2 x 8 and 4 x 4 without."""
+    runs = {split: one_step(tiny_model, tiny_params, tmp_path, reuse=True,
+                            train={"per_device_train_batch_size": 16 // split, "gradient_accumulation_steps": split},
+                            model={"gradient_checkpointing": split == 1})
+            for split in (1, 2, 4)}
+    whole = runs[1]
+    assert [rows for _, rows in whole.forwards] == [16] and [rows for _, rows in runs[4].forwards] == [4] * 4
+    assert whole.args.gradient_checkpointing and not runs[4].args.gradient_checkpointing
+    total = sum(g.norm() ** 2 for g in whole.grads.values()).sqrt()
+    assert total > 1e-4
+    for split in (2, 4):
+        assert runs[split].args.generation_batch_size == whole.args.generation_batch_size == 16
+        assert sum(runs[split].losses) == pytest.approx(sum(whole.losses), rel=1e-4, abs=1e-6)
+        for name, grad in whole.grads.items():
+            torch.testing.assert_close(runs[split].grads[name], grad, rtol=1e-4, atol=1e-5 * total.item(), msg=name)
+        for key in SAMPLING_METRICS:
+            assert runs[split].logs[key] == pytest.approx(whole.logs[key], rel=1e-5, abs=1e-7), key
