@@ -35,7 +35,7 @@ monitor=$!
 trap 'kill $monitor' EXIT  # the GPU log ends with the script
 step "real model built: $(ls /tmp/coder05 | tr '\n' ' ')"
 runs=(${RUNS:-defaults:1 defaults:3407})
-micro=${MICRO:-32}  # completions per micro-batch; 256 a step either way
+micro=${MICRO:-8}  # completions per micro-batch, the defaults' since 2026-12-07 (32 before); 256 a step either way
 python -m bench real-model run --model /tmp/coder05 --data /tmp/carry/data/gsm8k --work /tmp/sweep --out "$out/sweep" \
   --model-label "Qwen/Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, dequantized to bf16)" \
   --runs "${runs[@]}" --base-from bench/results/real_model/lr_sweep \

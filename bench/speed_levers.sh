@@ -8,16 +8,17 @@
 #   no_checkpointing  model.gradient_checkpointing: false (micro-batches halved until they fit: --halve-on-oom)
 # Every step also records TRL's own sections: sync_weights (LoRA merge + weight push), vLLM.generate, each reward.
 # `sleep` (a second call, if the lease allows): vLLM's sleep mode alone and with both levers (an engine of its own).
-# `next`: Liger's layer kernels with checkpointing on (liger) and off (levers_liger), beside the default
-# (reuse_logprobs, first: the engine's first steps run slower, 2026-12-06), today and both levers without Liger
-# (levers). Liger is not in site.tgz: here, `python3 -m pip download --no-deps -d .carry/liger liger-kernel==0.8.5`
-# (the lock's; 0.9 MB), and carry .carry/liger with it.
-# `every_n`: the candidates for an 80 GB card, beside the default and today: gradient checkpointing in every 2nd and
-# every 4th layer only (ckpt_every2, ckpt_every4), and off at micro-batches of 8 x 32 (levers_mb8).
-# `h100`: on an 80 GB card, the default beside Liger's kernels and the two ways of recomputing less that may fit there
-# (ckpt_every2, levers_mb8); halved on out-of-memory like the rest.
+# `next`, on an H200: the default since 2026-12-07 (levers_mb8: checkpointing off at 8 x 32; first, so that the
+# engine's slower first steps count against it) beside today, both levers at 16 x 16 (levers), and Liger's layer
+# kernels with checkpointing off (levers_liger) and on (liger). Liger is not in site.tgz: here, `python3 -m pip
+# download --no-deps -d .carry/liger liger-kernel==0.8.5` (the lock's; 0.9 MB), and carry .carry/liger with it.
+# `every_n`: gradient checkpointing in every 2nd and every 4th layer only (ckpt_every2, ckpt_every4), beside the
+# default of 2026-12-06 (reuse_logprobs), today and the default since (levers_mb8).
+# `h100`: on an 80 GB card, the default of 2026-12-06 (reuse_logprobs) beside Liger's kernels and the two ways of
+# recomputing less that may fit there (ckpt_every2, levers_mb8); halved on out-of-memory like the rest. Run
+# 2026-12-07 (bench/results/train_speed/levers_h100).
 #   bash bench/speed_levers.sh [main|sleep|next|every_n|h100|prepare]     results: $OUT/speed_levers/ (JSON + log)
-# Keep them: copy $OUT/speed_levers/ to bench/results/train_speed/levers_h200/ (its JSON files are in the bench result
+# Keep them: copy $OUT/speed_levers/ to bench/results/train_speed/<run>/ (its JSON files are in the bench result
 # schema; add the folder to bench/results/runs.yaml), then `python -m bench report` tables them in BENCHMARKS.md's
 # speed-levers section.
 # Carry .carry/site.tgz and .carry/data; vLLM's chunks in /tmp/vacc from earlier calls of the same message
@@ -31,7 +32,7 @@ mode=${1:-main}
 case $mode in
   main) configs=(today levers reuse_logprobs no_checkpointing) ;;
   sleep) configs=(sleep levers_sleep) ;;
-  next) configs=(reuse_logprobs today levers liger levers_liger) ;;
+  next) configs=(levers_mb8 today levers levers_liger liger) ;;
   every_n) configs=(reuse_logprobs today ckpt_every2 ckpt_every4 levers_mb8) ;;
   h100) configs=(reuse_logprobs liger ckpt_every2 levers_mb8) ;;
   prepare) configs=() ;;
