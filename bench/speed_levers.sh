@@ -17,7 +17,8 @@
 # `h100`: on an 80 GB card, the default of 2026-12-06 (reuse_logprobs) beside Liger's kernels and the two ways of
 # recomputing less that may fit there (ckpt_every2, levers_mb8); halved on out-of-memory like the rest. Run
 # 2026-12-07 (bench/results/train_speed/levers_h100).
-#   bash bench/speed_levers.sh [main|sleep|next|every_n|h100|prepare]     results: $OUT/speed_levers/ (JSON + log)
+# `h100_next`: on an 80 GB card, the default since 2026-12-07 beside today and Liger with checkpointing off.
+#   bash bench/speed_levers.sh [main|sleep|next|every_n|h100|h100_next|prepare]     results: $OUT/speed_levers/ (JSON + log)
 # Keep them: copy $OUT/speed_levers/ to bench/results/train_speed/<run>/ (its JSON files are in the bench result
 # schema; add the folder to bench/results/runs.yaml), then `python -m bench report` tables them in BENCHMARKS.md's
 # speed-levers section.
@@ -35,14 +36,15 @@ case $mode in
   next) configs=(levers_mb8 today levers levers_liger liger) ;;
   every_n) configs=(reuse_logprobs today ckpt_every2 ckpt_every4 levers_mb8) ;;
   h100) configs=(reuse_logprobs liger ckpt_every2 levers_mb8) ;;
+  h100_next) configs=(levers_mb8 today levers_liger) ;;
   prepare) configs=() ;;
-  *) echo "usage: $0 [main|sleep|next|every_n|h100|prepare]" >&2; exit 2 ;;
+  *) echo "usage: $0 [main|sleep|next|every_n|h100|h100_next|prepare]" >&2; exit 2 ;;
 esac
 out=${OUT:-/tmp/out}/speed_levers
 mkdir -p "$out"
 step() { echo "[speed_levers $(date +%T) ${SECONDS}s] $*"; }
 source bench/device.sh
-if [[ $mode = next || $mode = h100 ]] && ! python -c "import liger_kernel" 2> /dev/null; then
+if [[ $mode = next || $mode = h100* ]] && ! python -c "import liger_kernel" 2> /dev/null; then
   python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/liger/liger_kernel-*.whl \
     || { echo "speed_levers.sh $mode: no liger-kernel; carry .carry/liger (this script's header says how)" >&2; exit 2; }
 fi

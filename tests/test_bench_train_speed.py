@@ -209,8 +209,8 @@ def test_checkpointing_every_other_layer_recomputes_half_of_them(tiny_model, tmp
     """The partial-checkpointing levers: layers 0, 2, ... recompute, still after TRL's no-grad forward has turned
     checkpointing off and on again around each generation batch (which alone would checkpoint every layer again);
     with checkpointing off, none."""
-    bench("train-speed", *TINY, "--model", str(tiny_model), "--configs", "ckpt_every2", "no_checkpointing", "--steps-big", "1",
-          "--warmup", "0", "--results-dir", str(tmp_path), "--out", "partial", "--budget-s", "300")
+    bench("train-speed", *TINY, "--model", str(tiny_model), "--configs", "ckpt_every2", "no_checkpointing",
+          "--steps-big", "1", "--warmup", "0", "--results-dir", str(tmp_path), "--out", "partial", "--budget-s", "300")
     result = json.loads((tmp_path / "partial.json").read_text())
     every2, off = result["runs"]
     layers = json.loads((tiny_model / "config.json").read_text())["num_hidden_layers"]
