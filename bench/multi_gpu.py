@@ -67,12 +67,16 @@ HF = {"model.load_in_4bit": True, "generation.use_vllm": False, "train.per_devic
 # micro-batches of 32 with gradient checkpointing, as measured on 2 H200s (the defaults then)
 VLLM = {"model.load_in_4bit": False, "generation.use_vllm": True, "train.per_device_train_batch_size": 32,
         "model.gradient_checkpointing": True, "train.max_completion_length": 128}
-# issue 31: the defaults' per-GPU batch (params.yaml) with colocated vLLM; CPU: the same split, tiny
+# issue 31: the defaults' per-GPU batch and checkpointing (read from params.yaml) with colocated vLLM; CPU: the
+# same split, tiny
 SCALE_STEPS = 4
+_DEFAULTS = config.read_yaml(ROOT / "params.yaml")
+_MICRO, _ACCUM = (_DEFAULTS["train"][k] for k in ("per_device_train_batch_size", "gradient_accumulation_steps"))
 SCALE = {"model.load_in_4bit": False, "generation.use_vllm": True, "generation.vllm_mode": "colocate",
-         "train.per_device_train_batch_size": 8, "train.gradient_accumulation_steps": 32,
+         "model.gradient_checkpointing": _DEFAULTS["model"]["gradient_checkpointing"],
+         "train.per_device_train_batch_size": _MICRO, "train.gradient_accumulation_steps": _ACCUM,
          "train.max_completion_length": 512, "train.max_steps": SCALE_STEPS, "train.save_steps": 100,
-         "data.train_limit": 8 * 32 * SCALE_STEPS}
+         "data.train_limit": _MICRO * _ACCUM * SCALE_STEPS}
 SCALE_CPU = {"generation.use_vllm": False, "train.per_device_train_batch_size": 8,
              "train.gradient_accumulation_steps": 2, "train.max_completion_length": 16}
 AGREE = {**VLLM, "generation.vllm_mode": "colocate", "train.gradient_accumulation_steps": 8}  # 256 completions
