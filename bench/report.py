@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import common, standin
+from bench.train_speed import LEVERS
 
 ROOT, RESULTS = common.ROOT, common.RESULTS
 TEMPLATE = ROOT / "bench" / "BENCHMARKS.in.md"
@@ -30,7 +31,7 @@ LEGACY_KINDS = {"train": "train-speed", "eval": "eval-speed", "merge": "merge"}
 FOLDER_SCENARIOS = {"train_speed": "train-speed", "eval_speed": "eval-speed", "merge": "merge", "pipeline": "pipeline",
                     "real_model": "real-model", "multi_gpu": "multi-gpu", "lm_eval": "lm-eval", "learning": "learning",
                     "checkpoint_verify": "checkpoint-verify", "install_check": "install-check"}
-LEVER_CONFIGS = ("today", "reuse_logprobs", "no_checkpointing", "levers", "sleep", "levers_sleep")
+LEVER_CONFIGS = tuple(LEVERS)  # a result with any of them is tabled in the speed-levers section
 # Measurements whose GPU runs have not happened yet: (table, what, the command, where its results go)
 PENDING = (
     ("speed-levers", "issue 27's speed levers at the defaults' batch (one H200)", "bash bench/speed_levers.sh main",

@@ -17,8 +17,10 @@
 # `h100`: on an 80 GB card, the default of 2026-12-06 (reuse_logprobs) beside Liger's kernels and the two ways of
 # recomputing less that may fit there (ckpt_every2, levers_mb8); halved on out-of-memory like the rest. Run
 # 2026-12-07 (bench/results/train_speed/levers_h100).
-# `h100_next`: on an 80 GB card, the default since 2026-12-07 beside today and Liger with checkpointing off.
-#   bash bench/speed_levers.sh [main|sleep|next|every_n|h100|h100_next|prepare]     results: $OUT/speed_levers/ (JSON + log)
+# `h100_next`: on an 80 GB card, the default since 2026-12-07 beside today and Liger with checkpointing off;
+# `h100_liger_first`: Liger with checkpointing off first, then the default. Run 2026-12-07 (bench/results/train_speed/levers_h100_today).
+#   bash bench/speed_levers.sh [main|sleep|next|every_n|h100|h100_next|h100_liger_first|prepare]
+# results: $OUT/speed_levers/ (JSON + log).
 # Keep them: copy $OUT/speed_levers/ to bench/results/train_speed/<run>/ (its JSON files are in the bench result
 # schema; add the folder to bench/results/runs.yaml), then `python -m bench report` tables them in BENCHMARKS.md's
 # speed-levers section.
@@ -37,8 +39,9 @@ case $mode in
   every_n) configs=(reuse_logprobs today ckpt_every2 ckpt_every4 levers_mb8) ;;
   h100) configs=(reuse_logprobs liger ckpt_every2 levers_mb8) ;;
   h100_next) configs=(levers_mb8 today levers_liger) ;;
+  h100_liger_first) configs=(levers_liger levers_mb8) ;;
   prepare) configs=() ;;
-  *) echo "usage: $0 [main|sleep|next|every_n|h100|h100_next|prepare]" >&2; exit 2 ;;
+  *) echo "usage: $0 [main|sleep|next|every_n|h100|h100_next|h100_liger_first|prepare]" >&2; exit 2 ;;
 esac
 out=${OUT:-/tmp/out}/speed_levers
 mkdir -p "$out"

@@ -101,6 +101,11 @@ def test_the_report_tables_a_new_levers_result_where_it_lands(trained, tmp_path)
     assert f"`{result['command']}`" in folder and "| complete |" in folder
     assert f"| {result['finished'][:10]} |" in folder
 
+    later = {**result, "runs": [{**result["runs"][0], "name": "levers_mb8"}]}  # a lever added later
+    (results / "train_speed/levers_cpu/later.json").write_text(json.dumps(later))
+    levers, speed = report.render(results, template, tmp_path)[0].split("## Training speed")
+    assert "| levers_mb8 |" in levers and "later.json" not in speed
+
 
 def test_speed_levers_sh_prints_the_summary_of_a_result_in_the_schema(trained):
     """bench/speed_levers.sh's own summary lines (its inline Python) over a train-speed result: what a GPU call
