@@ -18,7 +18,8 @@
 # recomputing less that may fit there (ckpt_every2, levers_mb8); halved on out-of-memory like the rest. Run
 # 2026-12-07 (bench/results/train_speed/levers_h100).
 # `h100_next`: on an 80 GB card, the default since 2026-12-07 beside today and Liger with checkpointing off;
-# `h100_liger_first`: Liger with checkpointing off first, then the default. Run 2026-12-07 (bench/results/train_speed/levers_h100_today).
+# `h100_liger_first`: Liger with checkpointing off first, then the default. Run 2026-12-07
+# (bench/results/train_speed/levers_h100_today).
 #   bash bench/speed_levers.sh [main|sleep|next|every_n|h100|h100_next|h100_liger_first|prepare]
 # results: $OUT/speed_levers/ (JSON + log).
 # Keep them: copy $OUT/speed_levers/ to bench/results/train_speed/<run>/ (its JSON files are in the bench result
