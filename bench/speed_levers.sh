@@ -9,9 +9,10 @@
 # Every step also records TRL's own sections: sync_weights (LoRA merge + weight push), vLLM.generate, each reward.
 # `sleep` (a second call, if the lease allows): vLLM's sleep mode alone and with both levers (an engine of its own).
 # `next`, on an H200: the default since 2026-12-07 (levers_mb8: checkpointing off at 8 x 32; first, so that the
-# engine's slower first steps count against it) beside today, both levers at 16 x 16 (levers), and Liger's layer
-# kernels with checkpointing off (levers_liger) and on (liger). Liger is not in site.tgz: here, `python3 -m pip
-# download --no-deps -d .carry/liger liger-kernel==0.8.5` (the lock's; 0.9 MB), and carry .carry/liger with it.
+# engine's slower first steps count against it) beside today and both levers at 16 x 16 (levers): ~6 minutes.
+# Liger's layer kernels gained nothing with checkpointing off on an H100 (levers_h100_today), so it leaves them out.
+# The h100 modes use them; Liger is not in site.tgz: here, `python3 -m pip download --no-deps -d .carry/liger
+# liger-kernel==0.8.5` (the lock's; 0.9 MB), and carry .carry/liger with it.
 # `every_n`: gradient checkpointing in every 2nd and every 4th layer only (ckpt_every2, ckpt_every4), beside the
 # default of 2026-12-06 (reuse_logprobs), today and the default since (levers_mb8).
 # `h100`: on an 80 GB card, the default of 2026-12-06 (reuse_logprobs) beside Liger's kernels and the two ways of
@@ -36,7 +37,7 @@ mode=${1:-main}
 case $mode in
   main) configs=(today levers reuse_logprobs no_checkpointing) ;;
   sleep) configs=(sleep levers_sleep) ;;
-  next) configs=(levers_mb8 today levers levers_liger liger) ;;
+  next) configs=(levers_mb8 today levers) ;;
   every_n) configs=(reuse_logprobs today ckpt_every2 ckpt_every4 levers_mb8) ;;
   h100) configs=(reuse_logprobs liger ckpt_every2 levers_mb8) ;;
   h100_next) configs=(levers_mb8 today levers_liger) ;;
@@ -48,7 +49,7 @@ out=${OUT:-/tmp/out}/speed_levers
 mkdir -p "$out"
 step() { echo "[speed_levers $(date +%T) ${SECONDS}s] $*"; }
 source bench/device.sh
-if [[ $mode = next || $mode = h100* ]] && ! python -c "import liger_kernel" 2> /dev/null; then
+if [[ $mode = h100* ]] && ! python -c "import liger_kernel" 2> /dev/null; then
   python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/liger/liger_kernel-*.whl \
     || { echo "speed_levers.sh $mode: no liger-kernel; carry .carry/liger (this script's header says how)" >&2; exit 2; }
 fi

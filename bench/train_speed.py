@@ -65,9 +65,10 @@ LEVERS = {
     "levers_sleep": {"trainer": {"vllm_enable_sleep_mode": True},
                      "params": {"train": {"reuse_training_logprobs": True},
                                 "model": {"gradient_checkpointing": False}}},
-    # the next levers (speed_levers.sh next): Liger's fused layer kernels (RMSNorm, SwiGLU, RoPE; liger-kernel is in
-    # the lock and TRL 1.15 still applies them, the LM head staying TRL's fused one), which keep fewer activations,
-    # and checkpointing off at micro-batches of 8, which fits an 80 GB card: the defaults since 2026-12-07
+    # the next levers (speed_levers.sh h100, h100_next): Liger's fused layer kernels (RMSNorm, SwiGLU, RoPE;
+    # liger-kernel is in the lock and TRL 1.15 still applies them, the LM head staying TRL's fused one), which keep
+    # fewer activations, and checkpointing off at micro-batches of 8, which fits an 80 GB card: the defaults since
+    # 2026-12-07
     "liger": {"trainer": {"use_liger_kernel": True},
               "params": {"train": {"reuse_training_logprobs": True}, "model": {"gradient_checkpointing": True}}},
     "levers_liger": {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 16,
