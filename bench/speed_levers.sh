@@ -57,10 +57,10 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 # params.yaml with the batch every lever that sets none runs at: 32 x 8, the defaults' until 2026-12-07 (levers_mb8's
 # 8 x 32 without checkpointing since), so that results of before and after compare
 python - <<'EOF'
-import yaml
-p = yaml.safe_load(open("params.yaml"))
+from grpo_gsm8k import config
+p = config.read_yaml("params.yaml")
 p["train"].update(per_device_train_batch_size=32, gradient_accumulation_steps=8)
-yaml.safe_dump(p, open("/tmp/levers_params.yaml", "w"), sort_keys=False)
+config.write_yaml("/tmp/levers_params.yaml", p)
 EOF
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
 if [ ! -f /tmp/standin/config.json ]; then

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from bench import common, report, train_speed
+from grpo_gsm8k import config
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "fixtures" / "gsm8k"
@@ -129,8 +129,8 @@ def test_speed_levers_sh_runs_the_levers_at_the_batch_of_their_earlier_results()
     assert "/tmp/levers_params.yaml" in code and "--params /tmp/levers_params.yaml" in script
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    levers = yaml.safe_load(Path("/tmp/levers_params.yaml").read_text())
-    shipped = yaml.safe_load((ROOT / "params.yaml").read_text())
+    levers = config.read_yaml("/tmp/levers_params.yaml")  # as the bench reads --params (YAML 1.2: 5e-5 a float)
+    shipped = config.read_yaml(ROOT / "params.yaml")
     assert (levers["train"]["per_device_train_batch_size"], levers["train"]["gradient_accumulation_steps"]) == (32, 8)
     shipped["train"].update(per_device_train_batch_size=32, gradient_accumulation_steps=8)
     assert levers == shipped
