@@ -70,13 +70,19 @@ VLLM = {"model.load_in_4bit": False, "generation.use_vllm": True, "train.per_dev
 # issue 31: the defaults' per-GPU batch and checkpointing (read from params.yaml) with colocated vLLM; CPU: the
 # same split, tiny
 SCALE_STEPS = 4
-_DEFAULTS = config.read_yaml(ROOT / "params.yaml")
-_MICRO, _ACCUM = (_DEFAULTS["train"][k] for k in ("per_device_train_batch_size", "gradient_accumulation_steps"))
-SCALE = {"model.load_in_4bit": False, "generation.use_vllm": True, "generation.vllm_mode": "colocate",
-         "model.gradient_checkpointing": _DEFAULTS["model"]["gradient_checkpointing"],
-         "train.per_device_train_batch_size": _MICRO, "train.gradient_accumulation_steps": _ACCUM,
-         "train.max_completion_length": 512, "train.max_steps": SCALE_STEPS, "train.save_steps": 100,
-         "data.train_limit": _MICRO * _ACCUM * SCALE_STEPS}
+
+
+def scale_overrides() -> dict:
+    """The scaling runs' params, read when they start (not at import: the launcher's refusals stay instant)."""
+    defaults = config.read_yaml(ROOT / "params.yaml")
+    micro, accum = (defaults["train"][k] for k in ("per_device_train_batch_size", "gradient_accumulation_steps"))
+    return {"model.load_in_4bit": False, "generation.use_vllm": True, "generation.vllm_mode": "colocate",
+            "model.gradient_checkpointing": defaults["model"]["gradient_checkpointing"],
+            "train.per_device_train_batch_size": micro, "train.gradient_accumulation_steps": accum,
+            "train.max_completion_length": 512, "train.max_steps": SCALE_STEPS, "train.save_steps": 100,
+            "data.train_limit": micro * accum * SCALE_STEPS}
+
+
 SCALE_CPU = {"generation.use_vllm": False, "train.per_device_train_batch_size": 8,
              "train.gradient_accumulation_steps": 2, "train.max_completion_length": 16}
 AGREE = {**VLLM, "generation.vllm_mode": "colocate", "train.gradient_accumulation_steps": 8}  # 256 completions
@@ -371,7 +377,7 @@ def phase_scale(a, model: Path, work: Path, logfile: Path) -> dict:
     results, prepared = {}, None
     for n in a.gpus:
         name = f"scale_n{n}"
-        results[name] = scale_run(a, name, model, work, logfile, n, SCALE, prepared)
+        results[name] = scale_run(a, name, model, work, logfile, n, scale_overrides(), prepared)
         prepared = work / name
         a.save(results)
     return results
@@ -380,7 +386,8 @@ def phase_scale(a, model: Path, work: Path, logfile: Path) -> dict:
 def phase_server(a, model: Path, work: Path, logfile: Path) -> dict:
     n = max(a.gpus)
     name = f"server_n{n}"
-    return {name: scale_run(a, name, model, work, logfile, n, SCALE | {"generation.vllm_mode": "server"}, None)}
+    return {name: scale_run(a, name, model, work, logfile, n, scale_overrides() | {"generation.vllm_mode": "server"},
+                             None)}
 
 
 def scaling_table(summary: dict) -> list[dict]:
