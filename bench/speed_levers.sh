@@ -8,8 +8,10 @@
 #   no_checkpointing  model.gradient_checkpointing: false (micro-batches halved until they fit: --halve-on-oom)
 # Every step also records TRL's own sections: sync_weights (LoRA merge + weight push), vLLM.generate, each reward.
 # `sleep` (a second call, if the lease allows): vLLM's sleep mode alone and with both levers (an engine of its own).
-# `next`, on an H200: the default since 2026-12-07 (levers_mb8: checkpointing off at 8 x 32; first, so that the
-# engine's slower first steps count against it) beside today and both levers at 16 x 16 (levers): ~6 minutes.
+# `next`: the default since 2026-12-07 (levers_mb8: checkpointing off at 8 x 32) on both sides of today, first and
+# last, so that the comparison holds whichever position is the slower (on an H100 a call's first config once ran
+# 2 s a step slower than the same config first in the next call; levers_h100_today): ~8 minutes.
+# `next_16`, on an H200 after `next` if the lease allows: both levers at 16 x 16 (levers), then the default again.
 # Liger's layer kernels gained nothing with checkpointing off on an H100 (levers_h100_today), so it leaves them out.
 # The h100 modes use them; Liger is not in site.tgz: here, `python3 -m pip download --no-deps -d .carry/liger
 # liger-kernel==0.8.5` (the lock's; 0.9 MB), and carry .carry/liger with it.
@@ -21,7 +23,10 @@
 # `h100_next`: on an 80 GB card, the default since 2026-12-07 beside today and Liger with checkpointing off;
 # `h100_liger_first`: Liger with checkpointing off first, then the default. Run 2026-12-07
 # (bench/results/train_speed/levers_h100_today).
-#   bash bench/speed_levers.sh [main|sleep|next|every_n|h100|h100_next|h100_liger_first|prepare]
+# `h100_empty_cache`: the default on both sides of the same with the caching allocator emptied before each
+# generation (levers_mb8_empty_cache), with every step's allocator retries: is a near-full 80 GB card what slows
+# the default's generation?
+#   bash bench/speed_levers.sh [main|sleep|next|next_16|every_n|h100|h100_next|h100_liger_first|h100_empty_cache|prepare]
 # results: $OUT/speed_levers/ (JSON + log).
 # Keep them: copy $OUT/speed_levers/ to bench/results/train_speed/<run>/ (its JSON files are in the bench result
 # schema; add the folder to bench/results/runs.yaml), then `python -m bench report` tables them in BENCHMARKS.md's
@@ -37,13 +42,15 @@ mode=${1:-main}
 case $mode in
   main) configs=(today levers reuse_logprobs no_checkpointing) ;;
   sleep) configs=(sleep levers_sleep) ;;
-  next) configs=(levers_mb8 today levers) ;;
+  next) configs=(levers_mb8 today levers_mb8) ;;
+  next_16) configs=(levers levers_mb8) ;;
   every_n) configs=(reuse_logprobs today ckpt_every2 ckpt_every4 levers_mb8) ;;
   h100) configs=(reuse_logprobs liger ckpt_every2 levers_mb8) ;;
   h100_next) configs=(levers_mb8 today levers_liger) ;;
   h100_liger_first) configs=(levers_liger levers_mb8) ;;
+  h100_empty_cache) configs=(levers_mb8 levers_mb8_empty_cache levers_mb8) ;;
   prepare) configs=() ;;
-  *) echo "usage: $0 [main|sleep|next|every_n|h100|h100_next|h100_liger_first|prepare]" >&2; exit 2 ;;
+  *) echo "usage: $0 [main|sleep|next|next_16|every_n|h100|h100_next|h100_liger_first|h100_empty_cache|prepare]" >&2; exit 2 ;;
 esac
 out=${OUT:-/tmp/out}/speed_levers
 mkdir -p "$out"
@@ -90,7 +97,7 @@ for e in r["runs"]:
           "| s/step median", s.get("median_s"), [s.get("min_s"), s.get("max_s")], "| tok/s",
           s.get("completion_tokens_per_s"), "| gen/score/train", s.get("generate_s_per_step"),
           s.get("rewards_and_bookkeeping_s_per_step"), s.get("train_s_per_step"), "| peak GiB",
-          m.get("allocated"), "|", s.get("sections_s_per_step"), "| logp diff / IS ratio mean",
+          m.get("allocated"), "|", s.get("sections_s_per_step"), s.get("alloc_retries_per_step"), "| logp diff / IS ratio mean",
           [(round(row["sampling/sampling_logp_difference/mean"], 4),
             round(row["sampling/importance_sampling_ratio/mean"], 4)) for row in logs])
 EOF

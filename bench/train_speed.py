@@ -76,6 +76,13 @@ LEVERS = {
                      "trainer": {"use_liger_kernel": True}},
     "levers_mb8": {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 32,
                    "params": {"train": {"reuse_training_logprobs": True}, "model": {"gradient_checkpointing": False}}},
+    # the default with the caching allocator emptied as each optimizer step begins, i.e. just before TRL generates:
+    # at 74-78 GiB reserved of an 80 GB card, vLLM's generation ran 1-2 s slower than `today`'s at 51 GiB
+    # (speed_levers.sh h100_empty_cache)
+    "levers_mb8_empty_cache": {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 32,
+                               "empty_cache_before_generation": True,
+                               "params": {"train": {"reuse_training_logprobs": True},
+                                          "model": {"gradient_checkpointing": False}}},
     # checkpointing only every n-th layer (transformers 5's every_n_layers, see checkpoint_every_n_layers;
     # speed_levers.sh every_n): the time saved against the memory kept, between every layer (63 GiB, 12.4 s of
     # training on an H200) and none (out of memory at micro-batches of 32)
@@ -98,7 +105,8 @@ TRL_LOG_KEYS = ("completions/", "step_time", "loss", "sampling/", "entropy", "gr
 
 
 def batch_config(p: config.Params, name: str, completion: int | None) -> dict:
-    spec = {k: v for k, v in CONFIGS[name].items() if k not in ("params", "trainer", "checkpoint_every_n_layers")}
+    spec = {k: v for k, v in CONFIGS[name].items()
+            if k not in ("params", "trainer", "checkpoint_every_n_layers", "empty_cache_before_generation")}
     length = completion or spec.pop("completion", None) or p.train.max_completion_length
     spec.pop("completion", None)
     pdb = spec.get("per_device_train_batch_size", p.train.per_device_train_batch_size)
@@ -156,31 +164,47 @@ def time_trl_sections(holder: dict) -> None:
     @contextmanager
     def timed(trainer, name):
         common.sync()
-        start = time.perf_counter()
+        start, retries = time.perf_counter(), alloc_retries()
         with original(trainer, name):
             yield
         common.sync()
         timer = holder.get("timer")
         if timer is not None:
-            key = "section_" + re.sub(r"[^A-Za-z0-9]+", "_", name) + "_s"
-            timer.parts[key] = timer.parts.get(key, 0.0) + time.perf_counter() - start
+            key = "section_" + re.sub(r"[^A-Za-z0-9]+", "_", name)
+            timer.parts[key + "_s"] = timer.parts.get(key + "_s", 0.0) + time.perf_counter() - start
+            timer.parts[key + "_alloc_retries"] = timer.parts.get(key + "_alloc_retries", 0) + alloc_retries() - retries
 
     grpo_trainer.profiling_context = timed
 
 
-def make_timer(deadline: float):
+def alloc_retries() -> int:
+    """How often PyTorch's caching allocator has had to free its cached blocks and retry a cudaMalloc: each retry
+    synchronises the device, so a card near full slows whatever allocates (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.memory_stats().get("num_alloc_retries", 0) if torch.cuda.is_available() else 0
+
+
+def make_timer(deadline: float, empty_cache_before_generation: bool = False):
+    import torch
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
-        """Wall time of each optimizer step (CUDA synchronised), and what generation took inside it."""
+        """Wall time of each optimizer step (CUDA synchronised), what generation took inside it, and the caching
+        allocator's retries in it."""
 
         def __init__(self):
-            self.steps, self.parts, self.lengths, self.t = [], {}, [], None
+            self.steps, self.parts, self.lengths, self.t, self.retries = [], {}, [], None, 0
             self.micro = []  # seconds of each micro-batch (training_step); a step's first includes its generation
 
         def on_train_begin(self, args, state, control, **kwargs):
             common.sync()
-            self.t = time.perf_counter()
+            self.t, self.retries = time.perf_counter(), alloc_retries()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            # TRL generates in a step's first micro-batch (steps_per_generation = gradient_accumulation_steps)
+            if empty_cache_before_generation and torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
         def on_step_end(self, args, state, control, **kwargs):
             common.sync()
@@ -189,10 +213,11 @@ def make_timer(deadline: float):
                    **{k: round(v, 3) for k, v in self.parts.items()},
                    "completion_tokens": sum(self.lengths),
                    "completions": len(self.lengths),
-                   "min_len": min(self.lengths, default=0), "max_len": max(self.lengths, default=0)}
+                   "min_len": min(self.lengths, default=0), "max_len": max(self.lengths, default=0),
+                   "alloc_retries": alloc_retries() - self.retries}
             self.steps.append(row)
             log(f"step {json.dumps(row)}")
-            self.parts, self.lengths, self.t = {}, [], now
+            self.parts, self.lengths, self.t, self.retries = {}, [], now, alloc_retries()
             if time.time() > deadline:
                 log("time budget reached: stopping this config after this step")
                 control.should_training_stop = True
@@ -275,12 +300,15 @@ def summarise(steps: list[dict], warmup: int = 1) -> dict:
     n, secs = len(timed), sum(s["seconds"] for s in timed)
     gen = sum(s.get("generate_s", 0.0) for s in timed)
     score = sum(s.get("generate_and_score_s", 0.0) for s in timed)
-    sections = sorted({k for s in timed for k in s if k.startswith("section_")})
+    sections = sorted({k for s in timed for k in s if k.startswith("section_") and k.endswith("_s")})
+    retries = sorted({k for s in timed for k in s if k.endswith("alloc_retries")})
     return {**summary, "first_step_s": steps[0]["seconds"],
             "completion_tokens_per_s": round(sum(s["completion_tokens"] for s in timed) / secs, 1) if secs else None,
             "generate_s_per_step": round(gen / n, 2), "rewards_and_bookkeeping_s_per_step": round((score - gen) / n, 2),
             "train_s_per_step": round((secs - score) / n, 2),
-            "sections_s_per_step": {k: round(sum(s.get(k, 0.0) for s in timed) / n, 3) for k in sections}}
+            "sections_s_per_step": {k: round(sum(s.get(k, 0.0) for s in timed) / n, 3) for k in sections},
+            **({"alloc_retries_per_step": {k: round(sum(s.get(k, 0) for s in timed) / n, 1) for k in retries}}
+               if retries else {})}
 
 
 def parse_trainer_args(pairs: list[str]) -> dict:
@@ -466,7 +494,7 @@ def main(argv: list[str] | None = None) -> None:
             t_load = time.perf_counter()
             if policy is None or a.backend != "unsloth":  # unsloth's policy is a loaded model: reuse it
                 policy = modeling.load_policy(q)
-            timer = make_timer(deadline)
+            timer = make_timer(deadline, spec.get("empty_cache_before_generation", False))
             sections["timer"] = timer
             trainer = training.build_trainer(q, policy, dataset, f"/tmp/bench_{a.backend}_{name}", callbacks=[timer],
                                              generation_kwargs={FORCE_KEY[engine]: bc["completion_tokens"]},
@@ -484,6 +512,7 @@ def main(argv: list[str] | None = None) -> None:
                      "started_at_micro_batch": started_at,  # smaller than the config's: an earlier config's OOM
                      "trainer_class": type(trainer).__name__,
                      "checkpoint_every_n_layers": spec.get("checkpoint_every_n_layers"),
+                     "empty_cache_before_generation": spec.get("empty_cache_before_generation", False),
                      "effective_args": {k: getattr(trainer.args, k, None) for k in EFFECTIVE_ARGS}}
             log(f"built trainer in {load_s:.1f}s; args {entry['effective_args']}")
             current.update(entry=entry, timer=timer, trainer=trainer, t0=time.time())
