@@ -234,6 +234,14 @@ def train_runs(r: Result) -> list[tuple[str, dict]]:
     return list(r.data["configs"].items())
 
 
+def labelled_runs(r: Result) -> list[tuple[str, dict]]:
+    """train_runs with a config that ran more than once in the result numbered in the order it ran ("levers_mb8 #2"),
+    so that its rows and runs.yaml's `current` entries can tell the runs apart."""
+    names = [n for n, _ in train_runs(r)]
+    return [(f"{n} #{names[:i + 1].count(n)}" if names.count(n) > 1 else n, e)
+            for i, (n, e) in enumerate(train_runs(r))]
+
+
 def train_summary(r: Result, entry: dict) -> dict:
     """The timed steps' summary, from the steps themselves: the first `timed_from_step` - 1 steps of each config
     left out (runs.yaml, where a session timed from a later step than its warm-up flag said)."""
@@ -274,7 +282,7 @@ def train_rows(results: Results, chosen: list[Result], section: str) -> list[lis
         data = r.data
         engine, precision = data.get("engine", "hf"), data.get("base_precision", "4-bit")  # older results: HF, 4-bit
         generations = data["params_base"]["train"]["num_generations"]
-        for name, entry in train_runs(r):
+        for name, entry in labelled_runs(r):
             s, m = train_summary(r, entry), entry.get("peak_memory_gib") or {
                 k.split("_")[1]: v for k, v in entry.get("memory", {}).items()}
             what = r.label(f"{data['backend']}, {engine} ({precision})")
@@ -318,7 +326,7 @@ def table_speed_levers(results: Results, section: str) -> list[str]:
 def table_train_sections(results: Results, section: str) -> list[str]:
     rows = []
     for r in results.of("train-speed"):
-        for name, entry in train_runs(r):
+        for name, entry in labelled_runs(r):
             s = train_summary(r, entry)
             sec = s.get("sections_s_per_step")
             if not sec:
@@ -550,7 +558,11 @@ def current_figure(results: Results, entry: dict) -> list:
         results.problems.append(f"runs.yaml current: {entry['result']} does not exist")
         return [entry["what"], "missing", "", "", link(entry["result"])]
     if r.scenario == "train-speed":
-        name, e = next((n, e) for n, e in train_runs(r) if n == entry.get("config", n))
+        name, e = next(((n, e) for n, e in labelled_runs(r) if entry.get("config") in (None, n, n.split(" #")[0])),
+                       (None, None))
+        if e is None:
+            results.problems.append(f"runs.yaml current: {entry['result']} has no config {entry['config']}")
+            return [entry["what"], "missing", "", "", link(entry["result"])]
         s = train_summary(r, e)
         figure = (f"**{spread_text(s, unit=' s')}** a step ({s['timed_steps']} timed), "
                   f"{s['completion_tokens_per_s']:,.0f} completion tok/s")

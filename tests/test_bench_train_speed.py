@@ -106,6 +106,24 @@ def test_the_report_tables_a_new_levers_result_where_it_lands(trained, tmp_path)
     levers, speed = report.render(results, template, tmp_path)[0].split("## Training speed")
     assert "| levers_mb8 |" in levers and "later.json" not in speed
 
+    # a config on both sides of another in one call (speed_levers.sh next): its rows numbered in the order they ran,
+    # and a `current` entry takes the run it names
+    run = result["runs"][0]
+    slower = {**run, "name": "levers_mb8", "steps": [{**st, "seconds": st["seconds"] + 100} for st in run["steps"]]}
+    both = {**result, "runs": [{**run, "name": "levers_mb8"}, run, slower]}
+    (results / "train_speed/levers_cpu/later.json").write_text(json.dumps(both))
+    (results / "runs.yaml").write_text(
+        "runs: {}\ncurrent:\n  - {what: last, result: train_speed/levers_cpu/later.json, config: 'levers_mb8 #2'}\n"
+        "  - {what: none, result: train_speed/levers_cpu/later.json, config: 'levers_mb8 #3'}\n")
+    template.write_text(template.read_text() + "\n## Now\n\n{{current}}\n")
+    bench_md, _, problems = report.render(results, template, tmp_path)
+    rows = [line for line in bench_md.split("## Training speed")[0].splitlines() if "later.json" in line]
+    assert [line.split(" | ")[3] for line in rows] == ["levers_mb8 #1", "today", "levers_mb8 #2"]
+    last = next(line for line in bench_md.split("## Now")[1].splitlines() if line.startswith("| last |"))
+    median = train_speed.summarise(slower["steps"], 1)["median_s"]
+    assert f"**{median:.1f} s" in last and median > 100
+    assert problems == ["runs.yaml current: train_speed/levers_cpu/later.json has no config levers_mb8 #3"]
+
 
 def test_speed_levers_sh_prints_the_summary_of_a_result_in_the_schema(trained):
     """bench/speed_levers.sh's own summary lines (its inline Python) over a train-speed result: what a GPU call
@@ -181,6 +199,12 @@ def test_summary_gives_the_median_and_spread_of_the_timed_steps_not_only_the_mea
     assert summary["median_s"] == 38.5 and (summary["min_s"], summary["max_s"]) == (37.0, 68.0)
     assert summary["generate_s_per_step"] == 1.0 and summary["train_s_per_step"] == 43.5
     assert train_speed.summarise(steps, warmup=2)["median_s"] == 38.0
+    # TRL's sections in seconds, apart from the caching allocator's retries counted in them
+    for st, retries in zip(steps, (9, 9, 0, 2, 1)):
+        st.update(section_vLLM_generate_s=0.5, section_vLLM_generate_alloc_retries=retries, alloc_retries=retries + 1)
+    summary = train_speed.summarise(steps, warmup=1)
+    assert summary["sections_s_per_step"] == {"section_vLLM_generate_s": 0.5}
+    assert summary["alloc_retries_per_step"] == {"alloc_retries": 4.0, "section_vLLM_generate_alloc_retries": 3.0}
 
 
 def test_halving_keeps_the_step_and_never_splits_a_group():
