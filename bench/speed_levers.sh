@@ -11,7 +11,8 @@
 # `next`: the default since 2026-12-07 (levers_mb8: checkpointing off at 8 x 32) on both sides of today, first and
 # last, so that the comparison holds whichever position is the slower (on an H100 a call's first config once ran
 # 2 s a step slower than the same config first in the next call; levers_h100_today): ~8 minutes.
-# `next_16`, on an H200 after `next` if the lease allows: both levers at 16 x 16 (levers), then the default again.
+# `h200`: the same with both levers at 16 x 16 (levers, which an 80 GB card cannot hold) before the default's second
+# run: ~6 minutes on an H200.
 # Liger's layer kernels gained nothing with checkpointing off on an H100 (levers_h100_today), so it leaves them out.
 # The h100 modes use them; Liger is not in site.tgz: here, `python3 -m pip download --no-deps -d .carry/liger
 # liger-kernel==0.8.5` (the lock's; 0.9 MB), and carry .carry/liger with it.
@@ -26,7 +27,7 @@
 # `h100_empty_cache`: the default on both sides of the same with the caching allocator emptied before each
 # generation (levers_mb8_empty_cache), with every step's allocator retries: is a near-full 80 GB card what slows
 # the default's generation?
-#   bash bench/speed_levers.sh [main|sleep|next|next_16|every_n|h100|h100_next|h100_liger_first|h100_empty_cache|prepare]
+#   bash bench/speed_levers.sh [main|sleep|next|h200|every_n|h100|h100_next|h100_liger_first|h100_empty_cache|prepare]
 # results: $OUT/speed_levers/ (JSON + log).
 # Keep them: copy $OUT/speed_levers/ to bench/results/train_speed/<run>/ (its JSON files are in the bench result
 # schema; add the folder to bench/results/runs.yaml), then `python -m bench report` tables them in BENCHMARKS.md's
@@ -43,14 +44,14 @@ case $mode in
   main) configs=(today levers reuse_logprobs no_checkpointing) ;;
   sleep) configs=(sleep levers_sleep) ;;
   next) configs=(levers_mb8 today levers_mb8) ;;
-  next_16) configs=(levers levers_mb8) ;;
+  h200) configs=(levers_mb8 today levers levers_mb8) ;;
   every_n) configs=(reuse_logprobs today ckpt_every2 ckpt_every4 levers_mb8) ;;
   h100) configs=(reuse_logprobs liger ckpt_every2 levers_mb8) ;;
   h100_next) configs=(levers_mb8 today levers_liger) ;;
   h100_liger_first) configs=(levers_liger levers_mb8) ;;
   h100_empty_cache) configs=(levers_mb8 levers_mb8_empty_cache levers_mb8) ;;
   prepare) configs=() ;;
-  *) echo "usage: $0 [main|sleep|next|next_16|every_n|h100|h100_next|h100_liger_first|h100_empty_cache|prepare]" >&2; exit 2 ;;
+  *) echo "usage: $0 [main|sleep|next|h200|every_n|h100|h100_next|h100_liger_first|h100_empty_cache|prepare]" >&2; exit 2 ;;
 esac
 out=${OUT:-/tmp/out}/speed_levers
 mkdir -p "$out"
