@@ -98,7 +98,8 @@ for e in r["runs"]:
           "| s/step median", s.get("median_s"), [s.get("min_s"), s.get("max_s")], "| tok/s",
           s.get("completion_tokens_per_s"), "| gen/score/train", s.get("generate_s_per_step"),
           s.get("rewards_and_bookkeeping_s_per_step"), s.get("train_s_per_step"), "| peak GiB",
-          m.get("allocated"), "|", s.get("sections_s_per_step"), s.get("alloc_retries_per_step"), "| logp diff / IS ratio mean",
+          m.get("allocated"), "|", s.get("sections_s_per_step"), s.get("alloc_retries_per_step"),
+          "| logp diff / IS ratio mean",
           [(round(row["sampling/sampling_logp_difference/mean"], 4),
             round(row["sampling/importance_sampling_ratio/mean"], 4)) for row in logs])
 EOF

@@ -76,9 +76,9 @@ LEVERS = {
                      "trainer": {"use_liger_kernel": True}},
     "levers_mb8": {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 32,
                    "params": {"train": {"reuse_training_logprobs": True}, "model": {"gradient_checkpointing": False}}},
-    # the default with the caching allocator emptied as each optimizer step begins, i.e. just before TRL generates:
-    # at 74-78 GiB reserved of an 80 GB card, vLLM's generation ran 1-2 s slower than `today`'s at 51 GiB
-    # (speed_levers.sh h100_empty_cache)
+    # the default with the caching allocator emptied as each optimizer step begins, i.e. just before TRL generates,
+    # tried because at 74-78 GiB reserved of an 80 GB card vLLM's generation ran 1-2 s slower than `today`'s at 51 GiB:
+    # no allocator retry in generation, no gain (levers_h100_empty_cache), not adopted
     "levers_mb8_empty_cache": {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 32,
                                "empty_cache_before_generation": True,
                                "params": {"train": {"reuse_training_logprobs": True},
