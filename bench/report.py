@@ -260,6 +260,16 @@ def batch_text(b: dict, generations: int) -> str:
             f"{b['gradient_accumulation_steps']} accumulation; {b['completion_tokens']} tokens")
 
 
+def recomputed(r: Result, entry: dict) -> float:
+    """The share of decoder layers whose forward gradient checkpointing recomputed in a run: the trainer's flag
+    (older results without it ran the defaults of then, checkpointing on), every n-th layer where a lever said so;
+    Unsloth checkpoints inside the model, as params.yaml's model.gradient_checkpointing says, with the trainer's off."""
+    if r.data.get("backend") == "unsloth":
+        return float(r.data["params_base"]["model"].get("gradient_checkpointing", True))
+    on = (entry.get("effective_args") or {}).get("gradient_checkpointing", True)
+    return on / (entry.get("checkpoint_every_n_layers") or 1)
+
+
 def floors(r: Result, entry: dict) -> tuple[str, str]:
     data, b = r.data, entry["batch"]
     gpu = data["gpu"] if r.schema else data
@@ -271,7 +281,7 @@ def floors(r: Result, entry: dict) -> tuple[str, str]:
     precision = data.get("base_precision", "4-bit")
     f = standin.floor_seconds(shape, lora["r"], lora["target_modules"], b["completions_per_step"],
                               data.get("train_prompt_tokens_mean", 160.0), b["completion_tokens"], bw, fl,
-                              4 if precision == "4-bit" else 16, True)
+                              4 if precision == "4-bit" else 16, True, recomputed(r, entry))
     return f"{f['total_s']:.2f} ({f['generate_s']:.2f} + {f['train_s']:.2f})", f["total_s"]
 
 

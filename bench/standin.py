@@ -75,10 +75,12 @@ def shape(config: dict) -> dict:
 
 
 def floor_seconds(shape: dict, lora_r: int, targets: list[str], completions: int, prompt_len: float, length: int,
-                  bw: float, flops: float, weight_bits: int, training: bool) -> dict:
+                  bw: float, flops: float, weight_bits: int, training: bool, recomputed: float = 0.0) -> dict:
     """Lower bounds: each decode step reads every weight once (4-bit linears or 16-bit, 16-bit LM head and
-    LoRA) and the KV cache; training costs 6*N FLOPs per token, plus 2*N for the recomputed forward of
-    gradient checkpointing (N counts matrix parameters, LM head and LoRA included)."""
+    LoRA) and the KV cache. Training a LoRA costs 2*N FLOPs per token forward and 2*N for the input gradients
+    backward (N counts matrix parameters, LM head and LoRA included), 2*N_lora for the LoRA's weight gradients (the
+    frozen base needs none), and 2*N more for the decoder layers' forward that gradient checkpointing recomputes, times
+    the share of layers it recomputes (`recomputed`: 1 every layer, 0.5 every other one, 0 off)."""
     lora = shape["layers"] * lora_r * sum(sum(shape["proj"][t]) for t in targets) if training else 0
     n_mm = shape["linear"] + shape["lm_head"] + lora
     weight_bytes = shape["linear"] * weight_bits / 8 + shape["lm_head"] * 2 + lora * 2
@@ -86,7 +88,8 @@ def floor_seconds(shape: dict, lora_r: int, targets: list[str], completions: int
     for t in range(length):
         kv = completions * (prompt_len + t) * shape["kv_bytes_per_token"]
         gen += max((weight_bytes + kv) / bw, 2 * n_mm * completions / flops)
-    train = 8 * n_mm * completions * (prompt_len + length) / flops if training else 0.0
+    per_token = 4 * n_mm + 2 * lora + 2 * recomputed * (shape["linear"] + lora)  # the LM head is not recomputed
+    train = per_token * completions * (prompt_len + length) / flops if training else 0.0
     return {"generate_s": gen, "train_s": train, "total_s": gen + train}
 
 

@@ -128,3 +128,30 @@ def test_checkpoint_verify_on_a_small_config_times_both_sides_and_verifies(tmp_p
     widths = {"q_proj": 64 + 64, "o_proj": 64 + 64, "k_proj": 64 + 32, "v_proj": 64 + 32,  # kv: 2 heads of 16
               "gate_proj": 64 + 128, "up_proj": 64 + 128, "down_proj": 128 + 64}
     assert result["lora_params"] == 2 * lora["r"] * sum(widths[t] for t in lora["target_modules"])
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_training_floor_counts_the_flops_a_lora_step_does(checkpointing):
+    """BENCHMARKS.md's training floor (bench/standin.py floor_seconds at 1 FLOP/s) against the matmul FLOPs torch
+    counts in a LoRA forward and backward on a small Qwen2 with the 7 projections targeted: the frozen base gets no
+    weight gradient (4N a token, not 6N), and checkpointing adds the decoder layers' forward once more."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from bench import standin
+
+    cfg = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 16, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "vocab_size": 512, "tie_word_embeddings": True, "max_position_embeddings": 256}
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**cfg))
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules=targets))
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=torch.randint(0, 512, (4, 64))).logits.float().sum().backward()
+    floor = standin.floor_seconds(standin.shape(cfg), 8, targets, 4, 0, 64, 1.0, 1.0, 16, True, float(checkpointing))
+    assert floor["train_s"] == pytest.approx(counter.get_total_flops(), rel=0.01)
