@@ -26,8 +26,10 @@
 # (bench/results/train_speed/levers_h100_today).
 # `h100_empty_cache`: the default on both sides of the same with the caching allocator emptied before each
 # generation (levers_mb8_empty_cache), with every step's allocator retries: is a near-full 80 GB card what slows
-# the default's generation?
-#   bash bench/speed_levers.sh [main|sleep|next|h200|every_n|h100|h100_next|h100_liger_first|h100_empty_cache|prepare]
+# the default's generation? (No: levers_h100_empty_cache.)
+# `profile`: the default alone, one training micro-batch of its warm-up step under torch.profiler (--profile): where
+# training's time goes, op by op, the next lever's question (~3 minutes on an H100).
+#   bash bench/speed_levers.sh [main|sleep|next|h200|every_n|h100|h100_next|h100_liger_first|h100_empty_cache|profile|prepare]
 # results: $OUT/speed_levers/ (JSON + log).
 # Keep them: copy $OUT/speed_levers/ to bench/results/train_speed/<run>/ (its JSON files are in the bench result
 # schema; add the folder to bench/results/runs.yaml), then `python -m bench report` tables them in BENCHMARKS.md's
@@ -50,8 +52,9 @@ case $mode in
   h100_next) configs=(levers_mb8 today levers_liger) ;;
   h100_liger_first) configs=(levers_liger levers_mb8) ;;
   h100_empty_cache) configs=(levers_mb8 levers_mb8_empty_cache levers_mb8) ;;
+  profile) configs=(levers_mb8) ;;
   prepare) configs=() ;;
-  *) echo "usage: $0 [main|sleep|next|h200|every_n|h100|h100_next|h100_liger_first|h100_empty_cache|prepare]" >&2; exit 2 ;;
+  *) echo "usage: $0 [main|sleep|next|h200|every_n|h100|h100_next|h100_liger_first|h100_empty_cache|profile|prepare]" >&2; exit 2 ;;
 esac
 out=${OUT:-/tmp/out}/speed_levers
 mkdir -p "$out"
@@ -84,6 +87,7 @@ step "${configs[*]}: ${left}s left"
 timeout "$left" python -m bench train-speed --params /tmp/levers_params.yaml --backend transformers --vllm --bf16 \
   --completion 512 --steps-big 4 --warmup 1 --halve-on-oom --configs "${configs[@]}" --data /tmp/carry/data/gsm8k \
   --model /tmp/standin --budget-s $((left - 45)) --reserve-s 85 --results-dir "$out" --out "train_speed_levers_$mode" \
+  $([ "$mode" = profile ] && echo --profile) \
   > "$out/$mode.log" 2>&1
 step "bench: rc $?"
 grep "\[bench" "$out/$mode.log" | grep -E "config .*(summary|out of memory)|OOM|wrote|Error" | cut -c1-600
@@ -102,5 +106,11 @@ for e in r["runs"]:
           "| logp diff / IS ratio mean",
           [(round(row["sampling/sampling_logp_difference/mean"], 4),
             round(row["sampling/importance_sampling_ratio/mean"], 4)) for row in logs])
+    if "profile" in e:
+        prof = e["profile"]
+        print(f"  profiled micro-batch {prof['micro_batch']} ({e['micro_batch_seconds'][prof['micro_batch'] - 1]} s "
+              f"wall): {prof['total_ms']} ms of {prof['clock']} time in its ops")
+        for op in prof["ops"][:15]:
+            print(f"    {op['ms']:9.2f} ms {100 * op['share']:5.1f} % x{op['calls']:<5} {op['op'][:90]}")
 EOF
 step "done"

@@ -273,16 +273,42 @@ def wrap_timed(trainer, timer, name: str, key: str, lengths: bool = False) -> bo
     return True
 
 
-def wrap_micro_batches(trainer, timer) -> None:
+def profile_summary(prof, top: int = 30) -> dict:
+    """The operators of a torch.profiler run, by the time they took themselves on the GPU (on the CPU without one):
+    where a training micro-batch's time goes, op by op."""
+    import torch
+
+    key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events)
+    return {"clock": "gpu" if key.startswith("self_device") else "cpu", "total_ms": round(total / 1e3, 2),
+            "ops": [{"op": e.key, "calls": e.count, "ms": round(getattr(e, key) / 1e3, 2),
+                     "share": round(getattr(e, key) / total, 4) if total else 0.0} for e in events[:top]]}
+
+
+def wrap_micro_batches(trainer, timer, profile_at: int | None = None, profiled: dict | None = None) -> None:
     """Log every micro-batch (Trainer.training_step) as it ends, so a step that never finishes still shows
-    how far it got and how long each piece took."""
+    how far it got and how long each piece took. The micro-batch numbered `profile_at` runs under torch.profiler,
+    its summary put in `profiled`: one inside the warm-up step, so that the timed steps carry no profiler."""
+    from contextlib import nullcontext
+
+    import torch
+
     orig = trainer.training_step
 
     def timed(*args, **kwargs):
+        n = len(timer.micro) + 1
+        activities = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        context = torch.profiler.profile(activities=activities) if n == profile_at else nullcontext()
         common.sync()
         start = time.perf_counter()
-        out = orig(*args, **kwargs)
-        common.sync()
+        with context as prof:
+            out = orig(*args, **kwargs)
+            common.sync()
+        if n == profile_at:
+            profiled.update(micro_batch=n, **profile_summary(prof))
+            log(f"profiled micro-batch {n}: {profiled['total_ms']} ms of {profiled['clock']} time in its ops")
         timer.micro.append(round(time.perf_counter() - start, 3))
         log(f"micro-batch {len(timer.micro)} in {timer.micro[-1]:.1f}s")
         return out
@@ -383,6 +409,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--results-dir", default=str(common.ROOT / "build/bench"))
     t.add_argument("--trainer-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="a GRPOConfig override, e.g. vllm_importance_sampling_correction=false (repeatable)")
+    t.add_argument("--profile", action="store_true",
+                   help="run one training micro-batch of each config's warm-up step under torch.profiler (its ops "
+                        "by GPU time in the result)")
     t.add_argument("--halve-on-oom", action="store_true",
                    help="a config that runs out of memory runs again in micro-batches half as large (same step)")
     return t
@@ -435,6 +464,8 @@ def main(argv: list[str] | None = None) -> None:
                 if "completions/mean_length" in row:
                     per_step = entry["batch"]["completions_per_step"]
                     s["completion_tokens"] = round(row["completions/mean_length"] * per_step)
+        if not entry.get("profile"):
+            entry.pop("profile", None)
         entry.update(steps=steps, summary=summarise(steps, a.warmup), micro_batch_seconds=timer.micro,
                      checkpointed_layers=checkpointed_layers(trainer.model),
                      peak_memory_gib=common.peak_memory(),
@@ -505,7 +536,9 @@ def main(argv: list[str] | None = None) -> None:
             wrapped = {m: wrap_timed(trainer, timer, m, k, lengths=(k == "generate_s"))
                        for m, k in (("_generate_single_turn", "generate_s"),
                                     ("_generate_and_score_completions", "generate_and_score_s"))}
-            wrap_micro_batches(trainer, timer)
+            profiled: dict = {}  # the 3rd micro-batch of the warm-up step (the 1st holds the step's generation)
+            ga = bc["gradient_accumulation_steps"]
+            wrap_micro_batches(trainer, timer, min(3, ga) if a.profile and a.warmup else None, profiled)
             entry = {"name": name, "batch": bc, "load_and_build_s": round(load_s, 1), "wrapped": wrapped,
                      "params": spec.get("params", {}), "trainer_config": spec.get("trainer", {}),
                      "out_of_memory_at_micro_batch": out_of_memory,  # this config's own attempts
@@ -513,6 +546,7 @@ def main(argv: list[str] | None = None) -> None:
                      "trainer_class": type(trainer).__name__,
                      "checkpoint_every_n_layers": spec.get("checkpoint_every_n_layers"),
                      "empty_cache_before_generation": spec.get("empty_cache_before_generation", False),
+                     "profile": profiled,  # filled by the profiled micro-batch, if any
                      "effective_args": {k: getattr(trainer.args, k, None) for k in EFFECTIVE_ARGS}}
             log(f"built trainer in {load_s:.1f}s; args {entry['effective_args']}")
             current.update(entry=entry, timer=timer, trainer=trainer, t0=time.time())

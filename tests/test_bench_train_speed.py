@@ -260,3 +260,26 @@ def test_a_lever_that_breaks_is_recorded_and_the_next_configs_still_run(tiny_mod
     assert liger["effective_args"] and train_speed.LEVERS["liger"]["trainer"] == {"use_liger_kernel": True}
     assert today["status"] == "complete" and [s["step"] for s in today["steps"]] == [1]
     assert result["status"] == "partial" and common.check(result) == []
+
+
+def test_profile_takes_one_micro_batch_of_the_warm_up_step_and_ranks_its_ops(tiny_model, tmp_path):
+    """--profile: one training micro-batch of each config's untimed warm-up step runs under torch.profiler, so the
+    timed steps carry none; the result ranks its operators by their own time (the CPU's here, the GPU's on one), the
+    matrix products among the first."""
+    bench("train-speed", *TINY, "--model", str(tiny_model), "--configs", "today", "--steps-big", "2",
+          "--profile", "--results-dir", str(tmp_path), "--out", "profiled", "--budget-s", "300")
+    [run] = json.loads((tmp_path / "profiled.json").read_text())["runs"]
+    profile, ga = run["profile"], run["batch"]["gradient_accumulation_steps"]
+    assert profile["clock"] == "cpu" and profile["micro_batch"] == min(3, ga)  # inside step 1, the warm-up
+    ms = [op["ms"] for op in profile["ops"]]
+    assert ms == sorted(ms, reverse=True) and 0 < sum(ms) <= profile["total_ms"] + 0.1
+    assert "aten::mm" in [op["op"] for op in profile["ops"][:5]]
+    script = (ROOT / "bench/speed_levers.sh").read_text()  # its summary prints the ranking
+    code = script.split("train_speed_levers_$mode.json\" <<'EOF'\n", 1)[1].split("\nEOF\n", 1)[0]
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "profiled.json")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"profiled micro-batch {profile['micro_batch']} (" in proc.stdout
+    assert f"{profile['ops'][0]['ms']:9.2f} ms" in proc.stdout and profile["ops"][0]["op"][:40] in proc.stdout
+    bench("train-speed", *TINY, "--model", str(tiny_model), "--configs", "today", "--steps-big", "1",
+          "--warmup", "0", "--profile", "--results-dir", str(tmp_path), "--out", "timed_only", "--budget-s", "300")
+    assert "profile" not in json.loads((tmp_path / "timed_only.json").read_text())["runs"][0]  # no warm-up step
