@@ -29,7 +29,10 @@
 # the default's generation? (No: levers_h100_empty_cache.)
 # `profile`: the default alone, one training micro-batch of its warm-up step under torch.profiler (--profile): where
 # training's time goes, op by op, the next lever's question (~3 minutes on an H100).
-#   bash bench/speed_levers.sh [main|sleep|next|h200|every_n|h100|h100_next|h100_liger_first|h100_empty_cache|profile|prepare]
+# `casts`: the default (LoRA inputs left as they are under autocast since 2026-12-07) first, then the same with PEFT's
+# casts of them (levers_mb8_lora_casts), each with a profiled micro-batch (~5 minutes on an H100); `casts_today`: with
+# today between them (an H200: ~6 minutes).
+#   bash bench/speed_levers.sh [main|sleep|next|h200|every_n|h100|h100_next|h100_liger_first|h100_empty_cache|profile|casts|casts_today|prepare]
 # results: $OUT/speed_levers/ (JSON + log).
 # Keep them: copy $OUT/speed_levers/ to bench/results/train_speed/<run>/ (its JSON files are in the bench result
 # schema; add the folder to bench/results/runs.yaml), then `python -m bench report` tables them in BENCHMARKS.md's
@@ -53,8 +56,10 @@ case $mode in
   h100_liger_first) configs=(levers_liger levers_mb8) ;;
   h100_empty_cache) configs=(levers_mb8 levers_mb8_empty_cache levers_mb8) ;;
   profile) configs=(levers_mb8) ;;
+  casts) configs=(levers_mb8 levers_mb8_lora_casts) ;;
+  casts_today) configs=(levers_mb8 today levers_mb8_lora_casts) ;;
   prepare) configs=() ;;
-  *) echo "usage: $0 [main|sleep|next|h200|every_n|h100|h100_next|h100_liger_first|h100_empty_cache|profile|prepare]" >&2; exit 2 ;;
+  *) echo "usage: $0 [main|sleep|next|h200|every_n|h100|h100_next|h100_liger_first|h100_empty_cache|profile|casts|casts_today|prepare]" >&2; exit 2 ;;
 esac
 out=${OUT:-/tmp/out}/speed_levers
 mkdir -p "$out"
@@ -87,7 +92,7 @@ step "${configs[*]}: ${left}s left"
 timeout "$left" python -m bench train-speed --params /tmp/levers_params.yaml --backend transformers --vllm --bf16 \
   --completion 512 --steps-big 4 --warmup 1 --halve-on-oom --configs "${configs[@]}" --data /tmp/carry/data/gsm8k \
   --model /tmp/standin --budget-s $((left - 45)) --reserve-s 85 --results-dir "$out" --out "train_speed_levers_$mode" \
-  $([ "$mode" = profile ] && echo --profile) \
+  $([[ $mode = profile || $mode = casts* ]] && echo --profile) \
   > "$out/$mode.log" 2>&1
 step "bench: rc $?"
 grep "\[bench" "$out/$mode.log" | grep -E "config .*(summary|out of memory)|OOM|wrote|Error" | cut -c1-600

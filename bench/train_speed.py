@@ -83,6 +83,12 @@ LEVERS = {
                                "empty_cache_before_generation": True,
                                "params": {"train": {"reuse_training_logprobs": True},
                                           "model": {"gradient_checkpointing": False}}},
+    # the default as it ran until training.skip_lora_input_casts_under_autocast: PEFT casting every LoRA layer's input
+    # to its float32 weights' dtype and autocast casting it back (speed_levers.sh casts)
+    "levers_mb8_lora_casts": {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 32,
+                              "peft_lora_casts": True,
+                              "params": {"train": {"reuse_training_logprobs": True},
+                                         "model": {"gradient_checkpointing": False}}},
     # checkpointing only every n-th layer (transformers 5's every_n_layers, see checkpoint_every_n_layers;
     # speed_levers.sh every_n): the time saved against the memory kept, between every layer (63 GiB, 12.4 s of
     # training on an H200) and none (out of memory at micro-batches of 32)
@@ -106,7 +112,8 @@ TRL_LOG_KEYS = ("completions/", "step_time", "loss", "sampling/", "entropy", "gr
 
 def batch_config(p: config.Params, name: str, completion: int | None) -> dict:
     spec = {k: v for k, v in CONFIGS[name].items()
-            if k not in ("params", "trainer", "checkpoint_every_n_layers", "empty_cache_before_generation")}
+            if k not in ("params", "trainer", "checkpoint_every_n_layers", "empty_cache_before_generation",
+                         "peft_lora_casts")}
     length = completion or spec.pop("completion", None) or p.train.max_completion_length
     spec.pop("completion", None)
     pdb = spec.get("per_device_train_batch_size", p.train.per_device_train_batch_size)
@@ -238,6 +245,15 @@ def checkpoint_every_n_layers(model, n: int) -> None:
         return original(gradient_checkpointing_kwargs, **{**kwargs, "every_n_layers": n})
 
     model.gradient_checkpointing_enable = enable
+
+
+def restore_peft_lora_casts(model) -> int:
+    """PEFT's own cast of each LoRA layer's input, as before training.skip_lora_input_casts_under_autocast; returns
+    how many layers had it skipped."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return sum(vars(m).pop("_cast_input_dtype", None) is not None
+               for m in model.modules() if isinstance(m, BaseTunerLayer))
 
 
 def checkpointed_layers(model) -> dict:
@@ -532,6 +548,7 @@ def main(argv: list[str] | None = None) -> None:
                                              save_strategy="no", **{**spec.get("trainer", {}), **overrides})
             if spec.get("checkpoint_every_n_layers"):
                 checkpoint_every_n_layers(trainer.model, spec["checkpoint_every_n_layers"])
+            lora_casts_skipped = restore_peft_lora_casts(trainer.model) if spec.get("peft_lora_casts") else None
             load_s = time.perf_counter() - t_load
             wrapped = {m: wrap_timed(trainer, timer, m, k, lengths=(k == "generate_s"))
                        for m, k in (("_generate_single_turn", "generate_s"),
@@ -547,6 +564,7 @@ def main(argv: list[str] | None = None) -> None:
                      "checkpoint_every_n_layers": spec.get("checkpoint_every_n_layers"),
                      "empty_cache_before_generation": spec.get("empty_cache_before_generation", False),
                      "profile": profiled,  # filled by the profiled micro-batch, if any
+                     "lora_input_casts": "peft" if lora_casts_skipped is not None else "skipped under autocast",
                      "effective_args": {k: getattr(trainer.args, k, None) for k in EFFECTIVE_ARGS}}
             log(f"built trainer in {load_s:.1f}s; args {entry['effective_args']}")
             current.update(entry=entry, timer=timer, trainer=trainer, t0=time.time())

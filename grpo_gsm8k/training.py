@@ -111,7 +111,7 @@ def build_trainer(p: Params, policy, dataset, output_dir: str, callbacks=(), rew
     trainer_cls = _resumable(GRPOTrainer)
     if p.train.reuse_training_logprobs and p.model.backend == "transformers":  # Unsloth has its own loss
         trainer_cls = _reusing_training_logprobs(trainer_cls)
-    return trainer_cls(
+    trainer = trainer_cls(
         model=policy.model,
         reward_funcs=reward_funcs_override or reward_funcs(p),
         args=args,
@@ -121,6 +121,31 @@ def build_trainer(p: Params, policy, dataset, output_dir: str, callbacks=(), rew
         quantization_config=policy.quantization_config,
         callbacks=list(callbacks),
     )
+    if p.model.backend == "transformers":  # Unsloth runs its own LoRA kernels
+        skip_lora_input_casts_under_autocast(trainer.model)
+    return trainer
+
+
+def skip_lora_input_casts_under_autocast(model) -> int:
+    """Each LoRA layer's input left as it is while autocast runs, PEFT's cast of it kept everywhere else; returns how
+    many layers. PEFT keeps a 16-bit base's LoRA weights in float32 and casts every LoRA layer's input to float32
+    before the adapter's matmuls (peft/tuners/lora/layer.py Linear.forward, _cast_input_dtype). Under the trainer's
+    bf16 autocast those matmuls cast it straight back, a lossless round trip, so every LoRA layer copied its input
+    twice a forward and its gradient twice a backward for the same numbers: a fifth of a training micro-batch's GPU
+    time at the defaults on an H100 (BENCHMARKS.md, speed levers). The LoRA weights stay float32 for the optimizer;
+    autocast casts them to bf16 for the matmul either way."""
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        def cast(x, dtype, peft_cast=layer._cast_input_dtype):
+            if x is not None and torch.is_autocast_enabled(x.device.type):
+                return x
+            return peft_cast(x, dtype)
+
+        layer._cast_input_dtype = cast
+    return len(layers)
 
 
 def _resumable(trainer_cls):
