@@ -134,18 +134,22 @@ def skip_lora_input_casts_under_autocast(model) -> int:
     twice a forward and its gradient twice a backward for the same numbers: a fifth of a training micro-batch's GPU
     time at the defaults on an H100 (BENCHMARKS.md, speed levers). The LoRA weights stay float32 for the optimizer;
     autocast casts them to bf16 for the matmul either way."""
-    import torch
+    from types import MethodType
+
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    for layer in layers:
-        def cast(x, dtype, peft_cast=layer._cast_input_dtype):
-            if x is not None and torch.is_autocast_enabled(x.device.type):
-                return x
-            return peft_cast(x, dtype)
-
-        layer._cast_input_dtype = cast
+    for layer in layers:  # a bound method: a deepcopy of the model binds it to the copied layer
+        layer._cast_input_dtype = MethodType(_cast_input_unless_autocast, layer)
     return len(layers)
+
+
+def _cast_input_unless_autocast(layer, x, dtype):
+    import torch
+
+    if x is not None and torch.is_autocast_enabled(x.device.type):
+        return x
+    return type(layer)._cast_input_dtype(layer, x, dtype)  # PEFT's own
 
 
 def _resumable(trainer_cls):

@@ -59,6 +59,16 @@ def test_under_autocast_the_loss_and_gradients_are_the_same_bits_with_four_copie
     assert peft_copies - copies == 4 * 2 * len(TARGETS) - 2 * 3
 
 
+def test_a_copy_of_the_model_skips_them_in_its_own_layers():
+    import copy
+
+    model = lora_model(skip=True)
+    twin = copy.deepcopy(model)
+    layers = [m for m in twin.modules() if isinstance(m, BaseTunerLayer)]
+    assert all(vars(layer)["_cast_input_dtype"].__self__ is layer for layer in layers)
+    assert torch.equal(loss_and_grads(twin, autocast=True)[0], loss_and_grads(model, autocast=True)[0])
+
+
 def test_without_autocast_peft_casts_as_before():
     peft_loss, peft_grads, peft_copies = loss_and_grads(lora_model(skip=False), autocast=False)
     loss, grads, copies = loss_and_grads(lora_model(skip=True), autocast=False)
@@ -79,3 +89,12 @@ def test_the_trainer_every_caller_builds_skips_them_in_every_lora_layer(tiny_mod
     layers = [m for m in trainer.model.modules() if isinstance(m, BaseTunerLayer)]
     assert len(layers) == len(p.lora.target_modules) * trainer.model.config.num_hidden_layers
     assert all("_cast_input_dtype" in vars(layer) for layer in layers)
+
+
+def test_the_bench_restores_pefts_casts_for_its_comparison():
+    """bench/train_speed.py's levers_mb8_lora_casts: the default as it ran before, PEFT's casts back in every layer."""
+    from bench import train_speed
+
+    model = lora_model(skip=True)
+    assert train_speed.restore_peft_lora_casts(model) == 2 * len(TARGETS)
+    assert loss_and_grads(model, autocast=True)[2] == loss_and_grads(lora_model(skip=False), autocast=True)[2]
