@@ -52,6 +52,8 @@ CONFIGS = {
 # The batch comes from --params where a lever does not set it: bench/speed_levers.sh gives them micro-batches of
 # 32 x 8 accumulation steps, the defaults' until 2026-12-07, when levers_mb8 (8 x 32, checkpointing off) became them.
 _TODAY = {"train": {"reuse_training_logprobs": False}, "model": {"gradient_checkpointing": True}}
+_MB8 = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 32,  # the default since 2026-12-07
+        "params": {"train": {"reuse_training_logprobs": True}, "model": {"gradient_checkpointing": False}}}
 LEVERS = {
     "today": {"params": _TODAY},
     "reuse_logprobs": {"params": {**_TODAY, "train": {"reuse_training_logprobs": True}}},
@@ -74,21 +76,14 @@ LEVERS = {
     "levers_liger": {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 16,
                      "params": {"train": {"reuse_training_logprobs": True}, "model": {"gradient_checkpointing": False}},
                      "trainer": {"use_liger_kernel": True}},
-    "levers_mb8": {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 32,
-                   "params": {"train": {"reuse_training_logprobs": True}, "model": {"gradient_checkpointing": False}}},
+    "levers_mb8": _MB8,
     # the default with the caching allocator emptied as each optimizer step begins, i.e. just before TRL generates,
     # tried because at 74-78 GiB reserved of an 80 GB card vLLM's generation ran 1-2 s slower than `today`'s at 51 GiB:
     # no allocator retry in generation, no gain (levers_h100_empty_cache), not adopted
-    "levers_mb8_empty_cache": {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 32,
-                               "empty_cache_before_generation": True,
-                               "params": {"train": {"reuse_training_logprobs": True},
-                                          "model": {"gradient_checkpointing": False}}},
+    "levers_mb8_empty_cache": {**_MB8, "empty_cache_before_generation": True},
     # the default as it ran until training.skip_lora_input_casts_under_autocast: PEFT casting every LoRA layer's input
     # to its float32 weights' dtype and autocast casting it back (speed_levers.sh casts)
-    "levers_mb8_lora_casts": {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 32,
-                              "peft_lora_casts": True,
-                              "params": {"train": {"reuse_training_logprobs": True},
-                                         "model": {"gradient_checkpointing": False}}},
+    "levers_mb8_lora_casts": {**_MB8, "peft_lora_casts": True},
     # checkpointing only every n-th layer (transformers 5's every_n_layers, see checkpoint_every_n_layers;
     # speed_levers.sh every_n): the time saved against the memory kept, between every layer (63 GiB, 12.4 s of
     # training on an H200) and none (out of memory at micro-batches of 32)
@@ -111,11 +106,8 @@ TRL_LOG_KEYS = ("completions/", "step_time", "loss", "sampling/", "entropy", "gr
 
 
 def batch_config(p: config.Params, name: str, completion: int | None) -> dict:
-    spec = {k: v for k, v in CONFIGS[name].items()
-            if k not in ("params", "trainer", "checkpoint_every_n_layers", "empty_cache_before_generation",
-                         "peft_lora_casts")}
-    length = completion or spec.pop("completion", None) or p.train.max_completion_length
-    spec.pop("completion", None)
+    spec = CONFIGS[name]
+    length = completion or spec.get("completion") or p.train.max_completion_length
     pdb = spec.get("per_device_train_batch_size", p.train.per_device_train_batch_size)
     ga = spec.get("gradient_accumulation_steps", p.train.gradient_accumulation_steps)
     return {"per_device_train_batch_size": pdb, "gradient_accumulation_steps": ga, "completion_tokens": length,
@@ -314,9 +306,10 @@ def wrap_micro_batches(trainer, timer, profile_at: int | None = None, profiled: 
 
     def timed(*args, **kwargs):
         n = len(timer.micro) + 1
-        activities = [torch.profiler.ProfilerActivity.CPU] + (
-            [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-        context = torch.profiler.profile(activities=activities) if n == profile_at else nullcontext()
+        context = nullcontext()
+        if n == profile_at:
+            context = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
+                [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []))
         common.sync()
         start = time.perf_counter()
         with context as prof:
@@ -548,7 +541,8 @@ def main(argv: list[str] | None = None) -> None:
                                              save_strategy="no", **{**spec.get("trainer", {}), **overrides})
             if spec.get("checkpoint_every_n_layers"):
                 checkpoint_every_n_layers(trainer.model, spec["checkpoint_every_n_layers"])
-            lora_casts_skipped = restore_peft_lora_casts(trainer.model) if spec.get("peft_lora_casts") else None
+            if spec.get("peft_lora_casts"):
+                restore_peft_lora_casts(trainer.model)
             load_s = time.perf_counter() - t_load
             wrapped = {m: wrap_timed(trainer, timer, m, k, lengths=(k == "generate_s"))
                        for m, k in (("_generate_single_turn", "generate_s"),
@@ -564,7 +558,7 @@ def main(argv: list[str] | None = None) -> None:
                      "checkpoint_every_n_layers": spec.get("checkpoint_every_n_layers"),
                      "empty_cache_before_generation": spec.get("empty_cache_before_generation", False),
                      "profile": profiled,  # filled by the profiled micro-batch, if any
-                     "lora_input_casts": "peft" if lora_casts_skipped is not None else "skipped under autocast",
+                     "lora_input_casts": "peft" if spec.get("peft_lora_casts") else "skipped under autocast",
                      "effective_args": {k: getattr(trainer.args, k, None) for k in EFFECTIVE_ARGS}}
             log(f"built trainer in {load_s:.1f}s; args {entry['effective_args']}")
             current.update(entry=entry, timer=timer, trainer=trainer, t0=time.time())
