@@ -13,6 +13,7 @@
 # 2 s a step slower than the same config first in the next call; levers_h100_today): ~8 minutes.
 # `h200`: the same with both levers at 16 x 16 (levers, which an 80 GB card cannot hold) before the default's second
 # run: ~6 minutes on an H200.
+# `pair`: the default, then today: `next` without its second default run, for a lease's last ~6 minutes.
 # Liger's layer kernels gained nothing with checkpointing off on an H100 (levers_h100_today), so it leaves them out.
 # The h100 modes use them; Liger is not in site.tgz: here, `python3 -m pip download --no-deps -d .carry/liger
 # liger-kernel==0.8.5` (the lock's; 0.9 MB), and carry .carry/liger with it.
@@ -32,7 +33,7 @@
 # `casts`: the default (LoRA inputs left as they are under autocast since 2026-12-07) first, then the same with PEFT's
 # casts of them (levers_mb8_lora_casts), each with a profiled micro-batch (~5 minutes on an H100); `casts_today`: with
 # today between them (an H200: ~6 minutes).
-#   bash bench/speed_levers.sh [main|sleep|next|h200|every_n|h100|h100_next|h100_liger_first|h100_empty_cache|profile|casts|casts_today|prepare]
+#   bash bench/speed_levers.sh [main|sleep|next|pair|h200|every_n|h100|h100_next|h100_liger_first|h100_empty_cache|profile|casts|casts_today|prepare]
 # results: $OUT/speed_levers/ (JSON + log).
 # Keep them: copy $OUT/speed_levers/ to bench/results/train_speed/<run>/ (its JSON files are in the bench result
 # schema; add the folder to bench/results/runs.yaml), then `python -m bench report` tables them in BENCHMARKS.md's
@@ -49,6 +50,7 @@ case $mode in
   main) configs=(today levers reuse_logprobs no_checkpointing) ;;
   sleep) configs=(sleep levers_sleep) ;;
   next) configs=(levers_mb8 today levers_mb8) ;;
+  pair) configs=(levers_mb8 today) ;;
   h200) configs=(levers_mb8 today levers levers_mb8) ;;
   every_n) configs=(reuse_logprobs today ckpt_every2 ckpt_every4 levers_mb8) ;;
   h100) configs=(reuse_logprobs liger ckpt_every2 levers_mb8) ;;
@@ -59,7 +61,7 @@ case $mode in
   casts) configs=(levers_mb8 levers_mb8_lora_casts) ;;
   casts_today) configs=(levers_mb8 today levers_mb8_lora_casts) ;;
   prepare) configs=() ;;
-  *) echo "usage: $0 [main|sleep|next|h200|every_n|h100|h100_next|h100_liger_first|h100_empty_cache|profile|casts|casts_today|prepare]" >&2; exit 2 ;;
+  *) echo "usage: $0 [main|sleep|next|pair|h200|every_n|h100|h100_next|h100_liger_first|h100_empty_cache|profile|casts|casts_today|prepare]" >&2; exit 2 ;;
 esac
 out=${OUT:-/tmp/out}/speed_levers
 mkdir -p "$out"

@@ -3,6 +3,7 @@ write (the bench result schema), what a timeout leaves, the adapter through the 
 picked up by `python -m bench report` where its scenario's table is."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -152,6 +153,18 @@ def test_speed_levers_sh_runs_the_levers_at_the_batch_of_their_earlier_results()
     assert (levers["train"]["per_device_train_batch_size"], levers["train"]["gradient_accumulation_steps"]) == (32, 8)
     shipped["train"].update(per_device_train_batch_size=32, gradient_accumulation_steps=8)
     assert levers == shipped
+
+
+def test_every_speed_levers_sh_mode_names_only_configs_the_bench_knows():
+    """A mode's configs reach `train-speed --configs` on the GPU only: a misspelt one would cost a device call."""
+    script = (ROOT / "bench/speed_levers.sh").read_text()
+    modes = dict(re.findall(r"^  (\w+)\) configs=\(([^)]*)\) ;;$", script, re.M))
+    assert {"main", "next", "pair", "h200", "prepare"} <= modes.keys()
+    assert modes["prepare"] == "" and modes["pair"].split() == ["levers_mb8", "today"]
+    for mode, names in modes.items():
+        assert set(names.split()) <= train_speed.CONFIGS.keys(), mode
+    usage = re.search(r"usage: \$0 \[([^]]*)\]", script).group(1)
+    assert usage.split("|") == list(modes)  # every mode in the usage line, in the order of the case
 
 
 def test_the_gpu_session_scripts_parse():
