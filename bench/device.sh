@@ -21,10 +21,10 @@
 # machine comes, every later call of the same message is refused for 15 s of device time each, and the kind is not
 # tried again for about 10 minutes (2026-12-06: 14 of 30 device minutes lost that way, two messages of 15 calls).
 # After a failed start, a call naming nvidia-h200 asks for H200s only for 10 minutes; nvidia-h100-x1 asks for H100s.
-# A machine can also be taken back during a call (2026-12-07: the third of five, after the one start that came in
-# ten tries): 22 of 30 device minutes went that way, and nothing was measured. Fit the measurement to the budget
-# left after a start: `speed_levers.sh pair`'s two configs took 4.4 minutes on an H100 (the first two of
-# train_speed/levers_h100_both_sides), about 6 with the setup calls.
+# A machine can also be taken back during a call (2026-12-07: the one start that came in ten tries went back in
+# the third call after it): 22 of 30 device minutes went that way, and nothing was measured. Fit the measurement to
+# the budget left after a start: `speed_levers.sh pair`'s two configs took 4.4 minutes on an H100 (the first two
+# of train_speed/levers_h100_both_sides), about 6 with the setup calls.
 GGUF_SHA=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
 
 bench_device_env() {
