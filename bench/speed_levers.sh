@@ -33,7 +33,7 @@
 # `casts`: the default (LoRA inputs left as they are under autocast since 2026-12-07) first, then the same with PEFT's
 # casts of them (levers_mb8_lora_casts), each with a profiled micro-batch (~5 minutes on an H100); `casts_today`: with
 # today between them (an H200: ~6 minutes).
-#   bash bench/speed_levers.sh [main|sleep|next|pair|h200|every_n|h100|h100_next|h100_liger_first|h100_empty_cache|profile|casts|casts_today|prepare]
+#   bash bench/speed_levers.sh MODE    (the modes above, and `prepare`; any other word prints the list)
 # results: $OUT/speed_levers/ (JSON + log).
 # Keep them: copy $OUT/speed_levers/ to bench/results/train_speed/<run>/ (its JSON files are in the bench result
 # schema; add the folder to bench/results/runs.yaml), then `python -m bench report` tables them in BENCHMARKS.md's
