@@ -40,7 +40,10 @@ def summary_figure(curves_dir: Path, metrics: dict):
     left.set(title="GRPO training reward (mean per step)", xlabel="optimizer step", ylabel="reward")
     left.xaxis.set_major_locator(MaxNLocator(integer=True))
     left.grid(alpha=0.3)
-    left.legend(fontsize=8)
+    if left.lines:
+        left.legend(fontsize=8)
+    else:  # an empty panel would pass for a run that logged nothing
+        left.text(0.5, 0.5, f"no reward curves in {curves_dir}", ha="center", transform=left.transAxes)
     kinds = ["accuracy", "accuracy_lenient", "format_adherence"]
     base, trained = metrics["base"], metrics["trained"]
     xs = range(len(kinds))

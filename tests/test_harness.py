@@ -160,7 +160,8 @@ def test_summary_figure_has_an_lm_eval_panel_labelled_by_task_shots_filter_and_t
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
     fig = report.summary_figure(tmp_path, METRICS)
-    _, _, panel = fig.axes
+    rewards, _, panel = fig.axes
+    assert [t.get_text() for t in rewards.texts] == [f"no reward curves in {tmp_path}"]  # none written under it
     assert [t.get_text() for t in panel.get_xticklabels()] == [
         "gsm8k\n5-shot, chat template\nstrict-match", "gsm8k\n5-shot, chat template\nflexible-extract"]
     assert panel.get_title() == "lm-evaluation-harness 0.4.13 (1319 problems)"

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import re
+import runpy
 import secrets
 import shlex
 import subprocess
@@ -129,6 +130,11 @@ def test_merged_model_loads_and_equals_base_plus_adapter(ws):
 def test_report_and_push_receipt(ws):
     png = (ws / "reports/summary.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    report = runpy.run_path(str(ws / "stages/report.py"))  # the figure the stage drew, from this run's curves
+    rewards = report["summary_figure"](ws / report["CURVES"], json.loads((ws / report["EVAL"]).read_text())).axes[0]
+    names = sorted(p.parent.name for p in (ws / report["CURVES"] / "rewards").glob("*/mean.tsv"))
+    assert [line.get_label() for line in rewards.lines] == [
+        "total (weighted sum)", *(f"{n} (unweighted)" for n in names)] and len(names) >= 2 and not rewards.texts
     receipt = json.loads((ws / "reports/push.json").read_text())
     assert receipt["uploaded"] is False  # no hub.repo_id in the tiny profile
 
