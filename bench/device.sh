@@ -24,7 +24,10 @@
 # A machine can also be taken back during a call (2026-12-07: the one start that came in ten tries went back in
 # the third call after it): 22 of 30 device minutes went that way, and nothing was measured. Fit the measurement to
 # the budget left after a start: `speed_levers.sh pair`'s two configs took 4.4 minutes on an H100 (the first two
-# of train_speed/levers_h100_both_sides), about 6 with the setup calls.
+# of train_speed/levers_h100_both_sides), about 6 with the setup calls. 2026-12-07 (a later session): nvidia-h200
+# with needs_h200 (speed_levers.sh h200's `levers` at 16 x 16 needs more than 80 GB) failed to start 9 times, one
+# every ~11 minutes from 14:13 to 15:49 UTC, 90 s each (13.5 of 30 device minutes), while nvidia-h100-x1 came at the
+# first try: take the H100 measurement first, then try for an H200 while the budget still holds a start and the run.
 GGUF_SHA=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
 
 bench_device_env() {
