@@ -7,6 +7,7 @@ the adapter goes in, and that nothing reaches the network; the numbers themselve
 from __future__ import annotations
 
 import json
+import runpy
 import socket
 from pathlib import Path
 
@@ -154,12 +155,8 @@ def test_model_card_lists_lm_eval_scores_labelled_apart_from_the_projects_own():
 
 
 def test_summary_figure_has_an_lm_eval_panel_labelled_by_task_shots_filter_and_template(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("report", ROOT / "stages/report.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
-    fig = report.summary_figure(tmp_path, METRICS)
+    summary_figure = runpy.run_path(str(ROOT / "stages/report.py"))["summary_figure"]
+    fig = summary_figure(tmp_path, METRICS)
     rewards, _, panel = fig.axes
     assert [t.get_text() for t in rewards.texts] == [f"no reward curves in {tmp_path}"]  # none written under it
     assert [t.get_text() for t in panel.get_xticklabels()] == [
@@ -167,4 +164,4 @@ def test_summary_figure_has_an_lm_eval_panel_labelled_by_task_shots_filter_and_t
     assert panel.get_title() == "lm-evaluation-harness 0.4.13 (1319 problems)"
     heights = sorted(round(b.get_height(), 4) for b in panel.patches)
     assert heights == [0.3002, 0.3101, 0.3351, 0.3412]
-    assert len(report.summary_figure(tmp_path, {k: METRICS[k] for k in ("trained", "base")}).axes) == 2
+    assert len(summary_figure(tmp_path, {k: METRICS[k] for k in ("trained", "base")}).axes) == 2
